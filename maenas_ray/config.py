@@ -1,0 +1,341 @@
+"""The typed config tree, loaded from YAML and validated before any work starts.
+
+Every error is a :class:`ConfigError` naming the key, the bad value and what is allowed.
+Defaults live here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the key, the value and what is allowed."""
+
+
+def _fail(key: str, value: Any, allowed: str) -> typing.NoReturn:
+    raise ConfigError(f"{key} = {value!r}: {allowed}")
+
+
+@dataclass
+class DataConfig:
+    """``data`` section: where images come from and how they are fed."""
+
+    #: a registered dataset: see ``maenas_ray.data.DATASETS``
+    dataset: str = "synthetic"
+    #: download/cache directory (cifar10/cifar100) or the class-folder root (imagefolder)
+    root: str = "~/.cache/maenas_ray/data"
+    #: download CIFAR when it is not under ``root`` (needs the network)
+    download: bool = True
+    #: side of the (square) images fed to the network
+    image_size: int = 32
+    #: synthetic only: number of training images and of classes
+    num_images: int = 4096
+    num_classes: int = 10
+    #: seed of the synthetic images and of the W/A split
+    seed: int = 0
+    #: fraction of the training images used for weights (W-split); the rest drive α (A-split)
+    train_portion: float = 0.5
+    #: use only the first N training images (quick runs); null = all
+    max_images: int | None = None
+    #: device: whole dataset as uint8 on the device, augmentation on the device;
+    #: workers: DataLoader workers; auto: device for in-memory datasets, workers otherwise
+    loader: Literal["auto", "device", "workers"] = "auto"
+    num_workers: int = 2
+    #: random crop (with padding) and horizontal flip during search
+    augment: bool = True
+
+    def check(self) -> None:
+        from maenas_ray.data import DATASETS
+
+        if self.dataset not in DATASETS:
+            _fail("data.dataset", self.dataset, f"allowed: {', '.join(DATASETS)}")
+        _positive("data.image_size", self.image_size)
+        _positive("data.num_images", self.num_images)
+        if self.num_classes < 2:
+            _fail("data.num_classes", self.num_classes, "must be >= 2")
+        if not 0.0 < self.train_portion < 1.0:
+            _fail("data.train_portion", self.train_portion, "must be in (0, 1)")
+        if self.max_images is not None:
+            _positive("data.max_images", self.max_images)
+        if self.num_workers < 0:
+            _fail("data.num_workers", self.num_workers, "must be >= 0")
+        if self.dataset in ("cifar10", "cifar100") and self.image_size != 32:
+            _fail("data.image_size", self.image_size, f"{self.dataset} images are 32 pixels")
+        if self.dataset == "imagefolder" and not Path(self.root).expanduser().is_dir():
+            _fail(
+                "data.root", self.root, "imagefolder needs an existing directory of class folders"
+            )
+
+
+@dataclass
+class SearchConfig:
+    """``search`` section: the supernet, the masked autoencoder and the bi-level loop."""
+
+    # supernet (DESIGN §1.2)
+    channels: int = 16
+    layers: int = 8
+    stem: Literal["cifar", "imagenet"] = "cifar"
+    # masked autoencoder (§1.1, §1.3)
+    mask_ratio: float = 0.5
+    patch_size: int = 4
+    #: a registered decoder: see ``maenas_ray.mae.DECODERS``
+    decoder: str = "hierarchical"
+    decoder_width: int = 64
+    decoder_depth: int = 1
+    norm_pix_loss: bool = False
+    # bi-level optimisation (§1.4, DARTS defaults)
+    epochs: int = 50
+    batch_size: int = 64
+    #: cap on iterations per epoch (quick runs); null = one pass over the smaller split
+    steps_per_epoch: int | None = None
+    lr: float = 0.025
+    lr_min: float = 0.001
+    momentum: float = 0.9
+    weight_decay: float = 3e-4
+    grad_clip: float = 5.0
+    arch_lr: float = 3e-4
+    arch_betas: tuple[float, float] = (0.5, 0.999)
+    arch_weight_decay: float = 1e-3
+    #: second-order DARTS (unrolled step + finite-difference Hessian-vector product)
+    unrolled: bool = False
+    # evaluation at the end of each epoch: fixed images, fixed masks, so runs compare
+    eval_images: int = 256
+    #: mask ratio / patch size of the evaluation masks; null = the search's own
+    eval_mask_ratio: float | None = None
+    eval_patch_size: int | None = None
+    # runtime
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    #: auto = bf16 autocast on CUDA, fp32 on CPU
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    seed: int = 0
+
+    def check(self) -> None:
+        from maenas_ray.mae import DECODERS
+
+        _positive("search.channels", self.channels)
+        if self.layers < 3:
+            _fail("search.layers", self.layers, "must be >= 3 (one cell per resolution)")
+        for key in ("mask_ratio", "eval_mask_ratio"):
+            value = getattr(self, key)
+            if value is not None and not 0.0 < value < 1.0:
+                _fail(f"search.{key}", value, "must be in (0, 1)")
+        _positive("search.patch_size", self.patch_size)
+        if self.eval_patch_size is not None:
+            _positive("search.eval_patch_size", self.eval_patch_size)
+        if self.decoder not in DECODERS:
+            _fail("search.decoder", self.decoder, f"allowed: {', '.join(DECODERS)}")
+        _positive("search.decoder_width", self.decoder_width)
+        if self.decoder_depth < 1:
+            _fail("search.decoder_depth", self.decoder_depth, "must be >= 1")
+        _positive("search.epochs", self.epochs)
+        _positive("search.batch_size", self.batch_size)
+        if self.steps_per_epoch is not None:
+            _positive("search.steps_per_epoch", self.steps_per_epoch)
+        for key in ("lr", "arch_lr", "grad_clip"):
+            if getattr(self, key) <= 0:
+                _fail(f"search.{key}", getattr(self, key), "must be > 0")
+        for key in ("lr_min", "weight_decay", "arch_weight_decay"):
+            if getattr(self, key) < 0:
+                _fail(f"search.{key}", getattr(self, key), "must be >= 0")
+        if self.lr_min > self.lr:
+            _fail("search.lr_min", self.lr_min, f"must be <= search.lr ({self.lr})")
+        if not 0.0 <= self.momentum < 1.0:
+            _fail("search.momentum", self.momentum, "must be in [0, 1)")
+        if not all(0.0 <= b < 1.0 for b in self.arch_betas):
+            _fail("search.arch_betas", list(self.arch_betas), "both must be in [0, 1)")
+        _positive("search.eval_images", self.eval_images)
+
+
+@dataclass
+class Config:
+    """The root of the config tree."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+
+    def check(self) -> None:
+        self.data.check()
+        self.search.check()
+        size = self.data.image_size
+        s = self.search
+        for ratio_key, patch_key in (
+            ("mask_ratio", "patch_size"),
+            ("eval_mask_ratio", "eval_patch_size"),
+        ):
+            ratio = getattr(s, ratio_key) or s.mask_ratio
+            patch = getattr(s, patch_key) or s.patch_size
+            if size % patch:
+                _fail(
+                    f"search.{patch_key}",
+                    patch,
+                    f"must divide data.image_size ({size}); divisors: {_divisors(size)}",
+                )
+            patches = (size // patch) ** 2
+            masked = round(ratio * patches)
+            if not 0 < masked < patches:
+                _fail(
+                    f"search.{ratio_key}",
+                    ratio,
+                    f"masks {masked} of the {patches} patches of size {patch}; "
+                    "at least one patch must be masked and one visible",
+                )
+        stride = 8 if s.stem == "imagenet" else 1
+        if size % (stride * 4):
+            _fail(
+                "data.image_size", size, f"must be a multiple of {stride * 4} for stem {s.stem!r}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+
+def _positive(key: str, value: Any) -> None:
+    if value < 1:
+        _fail(key, value, "must be a positive integer")
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+def _type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "null"
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (types.UnionType, typing.Union):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return f"a list of {len(typing.get_args(tp))} numbers"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
+        tp, str(tp)
+    )
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if origin in (types.UnionType, typing.Union):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, key)
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+    elif origin is tuple:
+        args = typing.get_args(tp)
+        if isinstance(value, (list, tuple)) and len(value) == len(args):
+            return tuple(
+                _coerce(a, v, f"{key}[{i}]")
+                for i, (a, v) in enumerate(zip(args, value, strict=True))
+            )
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - a field type this loader does not know
+        raise TypeError(f"config field {key} has unsupported type {tp}")
+    _fail(key, value, f"expected {_type_name(tp)}")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        _fail(prefix or "config", data, "expected a mapping of keys to values")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            full = f"{prefix}.{key}" if prefix else str(key)
+            raise ConfigError(f"unknown key {full!r}; allowed keys here: {', '.join(names)}")
+    kwargs = {
+        name: _coerce(hints[name], data[name], f"{prefix}.{name}" if prefix else name)
+        for name in names
+        if name in data
+    }
+    return cls(**kwargs)
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"search.mask_ratio=0.6"`` -> ``("search.mask_ratio", 0.6)``; the value is YAML."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. search.mask_ratio=0.6")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {item!r}: the value is not valid YAML ({err})") from None
+    return key.strip(), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Set dotted keys in a nested dict (a copy); unknown keys are caught when it is built."""
+    data = _to_plain(dict(data))
+    for item in overrides:
+        key, value = parse_override(item)
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def config_from_dict(data: Mapping[str, Any] | None, overrides: Iterable[str] = ()) -> Config:
+    """Build and validate the config tree from plain data (e.g. parsed YAML)."""
+    cfg = _build(Config, apply_overrides(dict(data or {}), overrides), "")
+    cfg.check()
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
+    """Load a YAML config file (or the defaults when ``path`` is None) and apply ``--set`` items."""
+    data: Any = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(path)!r}: expected a mapping at the top level")
+    return config_from_dict(data, overrides)

@@ -1,0 +1,33 @@
+"""Data: the dataset registry and the search batch streams (pure torch)."""
+
+from maenas_ray.data.datasets import (
+    DATASETS,
+    FolderImages,
+    ImageDataset,
+    InMemoryImages,
+    build_dataset,
+    make_synthetic,
+)
+from maenas_ray.data.loaders import (
+    DeviceBatches,
+    SearchData,
+    WorkerBatches,
+    normalize,
+    random_crop_flip,
+    search_data,
+)
+
+__all__ = [
+    "DATASETS",
+    "DeviceBatches",
+    "FolderImages",
+    "ImageDataset",
+    "InMemoryImages",
+    "SearchData",
+    "WorkerBatches",
+    "build_dataset",
+    "make_synthetic",
+    "normalize",
+    "random_crop_flip",
+    "search_data",
+]

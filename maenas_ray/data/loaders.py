@@ -1,0 +1,252 @@
+"""Image batches for the search: W-split and A-split, images only (labels are never read).
+
+Two paths give the same stream of normalised float batches on the target device:
+
+- :class:`DeviceBatches` — the fast path for datasets that fit in memory: the uint8
+  images live on the device, and shuffling, random crop, flip and normalisation run there
+  as a few batched tensor ops (no per-image Python work, no worker processes).
+- :class:`WorkerBatches` — the general path: a ``DataLoader`` with worker processes
+  decoding and augmenting images (ImageFolder / ImageNet).
+
+All randomness comes from one CPU ``torch.Generator`` whose state is checkpointed, so a
+resumed search sees the same batches as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, RandomSampler
+
+from maenas_ray.config import DataConfig
+from maenas_ray.data.datasets import ImageDataset, build_dataset
+
+
+def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 ``(B, 3, H, W)`` -> float, ``(x / 255 - mean) / std`` per channel."""
+    x = images.float().div_(255.0)
+    return x.sub_(mean.view(1, -1, 1, 1)).div_(std.view(1, -1, 1, 1))
+
+
+def random_crop_flip(
+    images: torch.Tensor, padding: int, generator: torch.Generator
+) -> torch.Tensor:
+    """Batched random crop (zero padding, as torchvision's RandomCrop) and horizontal flip."""
+    b, _, h, w = images.shape
+    if padding > 0:
+        padded = F.pad(images, (padding, padding, padding, padding))
+        offsets = torch.randint(0, 2 * padding + 1, (2, b), generator=generator).to(images.device)
+        rows = offsets[0, :, None] + torch.arange(h, device=images.device)  # (B, H)
+        cols = offsets[1, :, None] + torch.arange(w, device=images.device)  # (B, W)
+        batch = torch.arange(b, device=images.device)[:, None, None]
+        images = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]
+        images = images.permute(0, 3, 1, 2)
+    flip = (torch.rand(b, generator=generator) < 0.5).to(images.device).view(b, 1, 1, 1)
+    return torch.where(flip, images.flip(-1), images)
+
+
+class DeviceBatches:
+    """Batches drawn from a uint8 image tensor resident on the device."""
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        mean: torch.Tensor,
+        std: torch.Tensor,
+        batch_size: int,
+        augment: bool,
+        generator: torch.Generator,
+    ) -> None:
+        self.images = images
+        self.mean, self.std = mean.to(images.device), std.to(images.device)
+        self.batch_size = batch_size
+        self.augment = augment
+        self.padding = images.shape[-1] // 8  # 4 pixels at 32 px, as the CIFAR recipe
+        self.generator = generator
+
+    def __len__(self) -> int:
+        return self.images.shape[0] // self.batch_size
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        order = torch.randperm(self.images.shape[0], generator=self.generator)
+        order = order.to(self.images.device)
+        for k in range(len(self)):
+            x = self.images[order[k * self.batch_size : (k + 1) * self.batch_size]]
+            if self.augment:
+                x = random_crop_flip(x, self.padding, self.generator)
+            yield normalize(x, self.mean, self.std)
+
+    def head(self, n: int) -> torch.Tensor:
+        """The first ``n`` images, normalised, not augmented (a fixed evaluation set)."""
+        return normalize(self.images[:n], self.mean, self.std)
+
+
+class _ImagesOnly(Dataset):
+    """A view of some images of a dataset, transformed; never touches labels."""
+
+    def __init__(self, dataset: ImageDataset, indices: Sequence[int], transform) -> None:
+        self.dataset, self.indices, self.transform = dataset, list(indices), transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.transform(self.dataset.image(self.indices[i]))
+
+
+def image_transforms(dataset: ImageDataset, image_size: int, augment: bool):
+    """torchvision v2 transforms from a dataset image to a normalised float tensor."""
+    from torchvision.transforms import v2
+
+    steps: list = []
+    on_disk = dataset.images is None
+    if on_disk:
+        steps.append(v2.PILToTensor())
+        if augment:
+            steps.append(v2.RandomResizedCrop(image_size, antialias=True))
+        else:
+            steps += [
+                v2.Resize(round(image_size * 8 / 7), antialias=True),
+                v2.CenterCrop(image_size),
+            ]
+    elif augment:
+        steps.append(v2.RandomCrop(image_size, padding=image_size // 8))
+    if augment:
+        steps.append(v2.RandomHorizontalFlip())
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(dataset.mean, dataset.std)]
+    return v2.Compose(steps)
+
+
+class WorkerBatches:
+    """Batches from a DataLoader with worker processes (the general path)."""
+
+    def __init__(
+        self,
+        dataset: ImageDataset,
+        indices: Sequence[int],
+        image_size: int,
+        batch_size: int,
+        augment: bool,
+        num_workers: int,
+        device: torch.device,
+        generator: torch.Generator,
+    ) -> None:
+        self.dataset, self.indices, self.image_size = dataset, list(indices), image_size
+        self.device = device
+        view = _ImagesOnly(dataset, indices, image_transforms(dataset, image_size, augment))
+        self.loader = DataLoader(
+            view,
+            batch_size=batch_size,
+            sampler=RandomSampler(view, generator=generator),
+            drop_last=True,
+            num_workers=num_workers,
+            pin_memory=device.type == "cuda",
+            generator=generator,
+            persistent_workers=num_workers > 0,
+        )
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for x in self.loader:
+            yield x.to(self.device, non_blocking=True)
+
+    def head(self, n: int) -> torch.Tensor:
+        transform = image_transforms(self.dataset, self.image_size, augment=False)
+        x = torch.stack([transform(self.dataset.image(i)) for i in self.indices[:n]])
+        return x.to(self.device)
+
+
+Batches = DeviceBatches | WorkerBatches
+
+
+@dataclass
+class SearchData:
+    """The two search splits and a fixed evaluation set, all images only."""
+
+    w: Batches  # weights
+    a: Batches  # architecture
+    eval_images: torch.Tensor  # fixed, normalised, from the A-split
+    mean: torch.Tensor
+    std: torch.Tensor
+    loader: str  # "device" or "workers"
+
+
+def search_data(
+    cfg: DataConfig,
+    batch_size: int,
+    device: torch.device,
+    generator: torch.Generator,
+    eval_images: int,
+    dataset: ImageDataset | None = None,
+) -> SearchData:
+    """Split the training images into W and A halves and build the batch streams.
+
+    The split is a fixed permutation from ``cfg.seed``; shuffling and augmentation draw
+    from ``generator``. ``dataset`` overrides the registry (tests).
+    """
+    dataset = dataset if dataset is not None else build_dataset(cfg, train=True)
+    n = len(dataset) if cfg.max_images is None else min(cfg.max_images, len(dataset))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    n_w = int(n * cfg.train_portion)
+    w_idx, a_idx = sorted(order[:n_w]), sorted(order[n_w:])
+    for split, idx in (("W", w_idx), ("A", a_idx)):
+        if len(idx) < batch_size:
+            raise ValueError(
+                f"the {split}-split has {len(idx)} images (data.train_portion="
+                f"{cfg.train_portion} of {n}), fewer than search.batch_size={batch_size}; "
+                "use more images or a smaller batch"
+            )
+    loader = cfg.loader
+    if loader == "auto":
+        loader = "device" if dataset.images is not None else "workers"
+    if loader == "device" and dataset.images is None:
+        raise ValueError(
+            f"data.loader = 'device' needs an in-memory dataset; {cfg.dataset!r} is read "
+            "from disk: use 'workers' or 'auto'"
+        )
+    mean = torch.tensor(dataset.mean, dtype=torch.float32, device=device)
+    std = torch.tensor(dataset.std, dtype=torch.float32, device=device)
+    if loader == "device":
+        assert dataset.images is not None
+        if dataset.images.shape[-1] != cfg.image_size or dataset.images.shape[-2] != cfg.image_size:
+            raise ValueError(
+                f"data.image_size = {cfg.image_size}: the {cfg.dataset} images are "
+                f"{dataset.images.shape[-2]}x{dataset.images.shape[-1]}"
+            )
+        all_images = dataset.images.to(device)
+        w: Batches = DeviceBatches(
+            all_images[torch.tensor(w_idx, device=device)],
+            mean,
+            std,
+            batch_size,
+            cfg.augment,
+            generator,
+        )
+        a: Batches = DeviceBatches(
+            all_images[torch.tensor(a_idx, device=device)],
+            mean,
+            std,
+            batch_size,
+            cfg.augment,
+            generator,
+        )
+    else:
+        w, a = (
+            WorkerBatches(
+                dataset,
+                idx,
+                cfg.image_size,
+                batch_size,
+                cfg.augment,
+                cfg.num_workers,
+                device,
+                generator,
+            )
+            for idx in (w_idx, a_idx)
+        )
+    return SearchData(w, a, a.head(min(eval_images, len(a_idx))), mean, std, loader)

@@ -1,0 +1,474 @@
+"""The MAE-DARTS search loop (DESIGN §1.4): pure torch, no Ray.
+
+``run_search(config, callbacks)`` runs the bi-level optimisation: per iteration an
+architecture step on an A-batch, then a weight step on a W-batch, each with its own
+freshly drawn mask; labels are never read. After every epoch the callbacks get the
+metrics and can write a checkpoint of the whole search state, from which
+``run_search(..., resume_from=...)`` continues bit-for-bit (on CPU, fixed seed).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from maenas_ray.config import Config
+from maenas_ray.data import ImageDataset, SearchData, search_data
+from maenas_ray.mae import MaskedAutoencoder, build_decoder, masked_mse, masked_psnr
+from maenas_ray.mae.masking import apply_mask, random_patch_mask
+from maenas_ray.space import Genotype, Supernet
+
+CHECKPOINT_FILE = "search_state.pt"
+CHECKPOINT_FORMAT = "maenas-search-v1"
+
+
+def resolve_device(requested: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without CUDA is an error."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("search.device = 'cuda' but CUDA is not available on this machine")
+    return torch.device(requested)
+
+
+def autocast_for(device: torch.device, precision: str) -> Callable[[], AbstractContextManager]:
+    """bf16 autocast on CUDA (``auto``/``bf16``) or when asked for on CPU; fp32 otherwise."""
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return nullcontext
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def alpha_entropy(alphas: torch.Tensor) -> float:
+    """Mean over edges of the entropy (nats) of softmax(α); log(8) ≈ 2.08 is uniform."""
+    p = torch.softmax(alphas.detach().float(), dim=-1)
+    return float(-(p * p.clamp_min(1e-12).log()).sum(dim=-1).mean())
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint was written by a search with another config."""
+
+
+#: Config keys that may change between a checkpoint and its resumption (where and how
+#: the search runs, not what it computes).
+RESUMABLE_CHANGES = frozenset({"data.root", "data.download", "data.num_workers", "search.device"})
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Keys whose values differ between two config dicts, except :data:`RESUMABLE_CHANGES`."""
+    a, b = _flatten(saved), _flatten(current)
+    return sorted(
+        f"{k}: {a.get(k)!r} -> {b.get(k)!r}"
+        for k in set(a) | set(b)
+        if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES
+    )
+
+
+@dataclass
+class EpochReport:
+    """What callbacks get after each epoch."""
+
+    epoch: int  # epochs completed (1-based)
+    epochs: int
+    metrics: dict[str, Any]
+    genotype: Genotype
+    _state: Callable[[], dict[str, Any]]
+
+    def save_checkpoint(self, directory: str | Path) -> Path:
+        """Write the whole search state to ``directory/search_state.pt`` (atomically)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / CHECKPOINT_FILE
+        tmp = path.with_suffix(".tmp")
+        torch.save(self._state(), tmp)
+        os.replace(tmp, path)
+        return path
+
+
+class SearchCallback:
+    """Override ``on_epoch_end``; the default does nothing."""
+
+    def on_epoch_end(self, report: EpochReport) -> None:
+        return None
+
+
+@dataclass
+class SearchResult:
+    genotype: Genotype
+    metrics: dict[str, Any]  # the last epoch's
+    history: list[dict[str, Any]] = field(default_factory=list)
+    alphas_normal: torch.Tensor | None = None
+    alphas_reduce: torch.Tensor | None = None
+
+
+def load_search_state(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint file or a directory holding one; tensors only, no pickled code."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no search checkpoint at {str(path)!r}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"search checkpoint {str(path)!r} is unreadable: {err}") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{str(path)!r} is not a maenas-ray search checkpoint")
+    return state
+
+
+def unrolled_arch_gradients(
+    model: nn.Module,
+    arch_names: Sequence[str],
+    x_w: torch.Tensor,
+    mask_w: torch.Tensor,
+    x_a: torch.Tensor,
+    mask_a: torch.Tensor,
+    lr: float,
+    weight_decay: float,
+    momentum_buffers: dict[str, torch.Tensor],
+    momentum: float,
+    norm_pix: bool = False,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+    fd_radius: float = 0.01,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Second-order DARTS gradient of the A-loss with respect to α.
+
+    ``w' = w - lr * (momentum * buf + ∇w L_W(w, α) + weight_decay * w)`` (the SGD step the
+    weights are about to take), then ``∇α L_A(w', α) - lr * H`` where ``H`` is the
+    finite-difference Hessian-vector product ``(∇α L_W(w+, α) - ∇α L_W(w-, α)) / 2ε`` with
+    ``w± = w ± ε ∇w' L_A(w', α)`` and ``ε = fd_radius / ‖∇w' L_A‖``. Returns the α
+    gradients (in ``arch_names`` order) and ``L_A(w', α)``.
+    """
+    params = dict(model.named_parameters())
+    alphas = {n: params[n] for n in arch_names}
+    weights = {n: p for n, p in params.items() if n not in alphas}
+
+    def loss_at(w: dict[str, torch.Tensor], x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        with autocast():
+            pred = functional_call(model, {**w, **alphas}, (x, mask))
+        return masked_mse(pred, x, mask, norm_pix)
+
+    names = list(weights)
+    g_w = torch.autograd.grad(loss_at(weights, x_w, mask_w), [weights[n] for n in names])
+    unrolled = {}
+    with torch.no_grad():
+        for n, g in zip(names, g_w, strict=True):
+            p = weights[n]
+            step = g + weight_decay * p
+            if n in momentum_buffers:
+                step = step + momentum * momentum_buffers[n]
+            unrolled[n] = (p - lr * step).requires_grad_()
+    loss_a = loss_at(unrolled, x_a, mask_a)
+    grads = torch.autograd.grad(loss_a, [*alphas.values(), *unrolled.values()])
+    d_alpha, d_w = grads[: len(alphas)], grads[len(alphas) :]
+    with torch.no_grad():
+        eps = fd_radius / torch.cat([g.flatten() for g in d_w]).norm()
+        w_plus = {n: weights[n] + eps * d for n, d in zip(names, d_w, strict=True)}
+        w_minus = {n: weights[n] - eps * d for n, d in zip(names, d_w, strict=True)}
+    g_plus = torch.autograd.grad(loss_at(w_plus, x_w, mask_w), list(alphas.values()))
+    g_minus = torch.autograd.grad(loss_at(w_minus, x_w, mask_w), list(alphas.values()))
+    result = [
+        da - lr * (gp - gm) / (2 * eps) for da, gp, gm in zip(d_alpha, g_plus, g_minus, strict=True)
+    ]
+    return result, loss_a.detach()
+
+
+class _Search:
+    """The state of one search and its steps; ``run_search`` drives it."""
+
+    def __init__(self, cfg: Config, dataset: ImageDataset | None) -> None:
+        self.cfg = cfg
+        s = cfg.search
+        self.device = resolve_device(s.device)
+        self.autocast = autocast_for(self.device, s.precision)
+        torch.manual_seed(s.seed)
+        encoder = Supernet(s.channels, s.layers, stem=s.stem)
+        decoder = build_decoder(
+            s.decoder, encoder.feature_channels, s.decoder_width, s.decoder_depth
+        )
+        self.model = MaskedAutoencoder(encoder, decoder).to(self.device)
+        self.arch_names = ["encoder.alphas_normal", "encoder.alphas_reduce"]
+        named = dict(self.model.named_parameters())
+        self.alphas = [named[n] for n in self.arch_names]
+        self.weight_names = [n for n in named if n not in self.arch_names]
+        self.weights = [named[n] for n in self.weight_names]
+        self.w_opt = torch.optim.SGD(
+            self.weights, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay
+        )
+        self.a_opt = torch.optim.Adam(
+            self.alphas, lr=s.arch_lr, betas=s.arch_betas, weight_decay=s.arch_weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            self.w_opt, T_max=s.epochs, eta_min=s.lr_min
+        )
+        self.data_gen = torch.Generator().manual_seed(s.seed + 1)
+        self.mask_gen = torch.Generator().manual_seed(s.seed + 2)
+        self.data: SearchData = search_data(
+            cfg.data, s.batch_size, self.device, self.data_gen, s.eval_images, dataset
+        )
+        self.epoch = 0
+        self.history: list[dict[str, Any]] = []
+
+    # --- checkpoint -------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        rng = {
+            "torch": torch.get_rng_state(),
+            "data": self.data_gen.get_state(),
+            "mask": self.mask_gen.get_state(),
+        }
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "epoch": self.epoch,
+            "config": self.cfg.to_dict(),
+            "model": self.model.state_dict(),
+            "w_opt": self.w_opt.state_dict(),
+            "a_opt": self.a_opt.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rng,
+            "history": json.dumps(self.history),
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        changes = config_changes(state["config"], self.cfg.to_dict())
+        if changes:
+            raise CheckpointMismatchError(
+                "the checkpoint was written with another config; resuming would not continue "
+                f"the same search. Changed: {'; '.join(changes)}"
+            )
+        try:
+            self.model.load_state_dict(state["model"])
+            self.w_opt.load_state_dict(state["w_opt"])
+            self.a_opt.load_state_dict(state["a_opt"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            rng = state["rng"]
+            torch.set_rng_state(rng["torch"])
+            self.data_gen.set_state(rng["data"])
+            self.mask_gen.set_state(rng["mask"])
+            if self.device.type == "cuda" and "cuda" in rng:
+                torch.cuda.set_rng_state(rng["cuda"], self.device)
+            self.epoch = int(state["epoch"])
+            self.history = json.loads(state["history"])
+        except (KeyError, RuntimeError, ValueError) as err:
+            raise ValueError(f"the checkpoint does not match this search config: {err}") from None
+
+    # --- steps ------------------------------------------------------------------------
+    def _mask(self, batch: int, patch: int | None = None, ratio: float | None = None,
+              generator: torch.Generator | None = None) -> torch.Tensor:  # fmt: skip
+        s, size = self.cfg.search, self.cfg.data.image_size
+        return random_patch_mask(
+            batch, size, size, patch or s.patch_size, ratio or s.mask_ratio,
+            generator=generator or self.mask_gen, device=self.device,
+        )  # fmt: skip
+
+    def _loss(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with self.autocast():
+            pred = self.model(x, mask)
+        return masked_mse(pred, x, mask, self.cfg.search.norm_pix_loss), pred
+
+    def arch_step(
+        self, x_a: torch.Tensor, mask_a: torch.Tensor, x_w: torch.Tensor, mask_w: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.cfg.search
+        self.a_opt.zero_grad(set_to_none=True)
+        if s.unrolled:
+            buffers = {
+                n: self.w_opt.state[p]["momentum_buffer"]
+                for n, p in zip(self.weight_names, self.weights, strict=True)
+                if "momentum_buffer" in self.w_opt.state.get(p, {})
+            }
+            grads, loss = unrolled_arch_gradients(
+                self.model, self.arch_names, x_w, mask_w, x_a, mask_a,
+                lr=self.scheduler.get_last_lr()[0], weight_decay=s.weight_decay,
+                momentum_buffers=buffers, momentum=s.momentum,
+                norm_pix=s.norm_pix_loss, autocast=self.autocast,
+            )  # fmt: skip
+            with torch.no_grad(), self.autocast():
+                pred = self.model(x_a, mask_a)
+        else:
+            loss, pred = self._loss(x_a, mask_a)
+            grads = torch.autograd.grad(loss, self.alphas)
+        for a, g in zip(self.alphas, grads, strict=True):
+            a.grad = g
+        self.a_opt.step()
+        return loss.detach(), pred.detach()
+
+    def weight_step(self, x_w: torch.Tensor, mask_w: torch.Tensor) -> torch.Tensor:
+        self.w_opt.zero_grad(set_to_none=True)
+        loss, _ = self._loss(x_w, mask_w)
+        loss.backward(inputs=self.weights)
+        nn.utils.clip_grad_norm_(self.weights, self.cfg.search.grad_clip)
+        self.w_opt.step()
+        return loss.detach()
+
+    def run_epoch(self) -> dict[str, Any]:
+        s = self.cfg.search
+        self.model.train()
+        steps = min(len(self.data.w), len(self.data.a))
+        if s.steps_per_epoch is not None:
+            steps = min(steps, s.steps_per_epoch)
+        lr = self.scheduler.get_last_lr()[0]
+        sums = torch.zeros(3, device=self.device)  # W loss, A loss, A psnr
+        bad_step = torch.full((), -1, device=self.device, dtype=torch.long)
+        start = time.perf_counter()
+        for step, x_w, x_a in zip(range(steps), self.data.w, self.data.a, strict=False):
+            mask_a = self._mask(x_a.shape[0])
+            mask_w = self._mask(x_w.shape[0])
+            loss_a, pred_a = self.arch_step(x_a, mask_a, x_w, mask_w)
+            loss_w = self.weight_step(x_w, mask_w)
+            with torch.no_grad():
+                psnr = masked_psnr(pred_a, x_a, mask_a, self.data.mean, self.data.std)
+                sums += torch.stack([loss_w, loss_a, psnr])
+                finite = torch.isfinite(loss_w) & torch.isfinite(loss_a)
+                bad_step = torch.where(~finite & (bad_step < 0), step, bad_step)
+        means = (sums / steps).tolist()  # the one host sync of the epoch
+        elapsed = time.perf_counter() - start
+        if int(bad_step) >= 0:
+            raise FloatingPointError(
+                f"non-finite reconstruction loss in epoch {self.epoch + 1}, step {int(bad_step)} "
+                f"(search.lr={s.lr}, search.arch_lr={s.arch_lr})"
+            )
+        self.scheduler.step()
+        self.epoch += 1
+        eval_loss, eval_psnr = self.evaluate()
+        normal, reduce = (a.detach() for a in self.alphas)
+        genotype = self.model.encoder.genotype()
+        metrics = {
+            "epoch": self.epoch,
+            "train_loss": means[0],
+            "val_loss": means[1],
+            "val_psnr": means[2],
+            "eval_loss": eval_loss,
+            "eval_psnr": eval_psnr,
+            "skip_count": genotype.count("skip_connect"),
+            "alpha_entropy_normal": alpha_entropy(normal),
+            "alpha_entropy_reduce": alpha_entropy(reduce),
+            "lr": lr,
+            "steps": steps,
+            "images_per_sec": 2 * steps * s.batch_size / elapsed,
+            "epoch_time": elapsed,
+            "genotype": genotype.to_json(),
+        }
+        metrics["alpha_entropy"] = (
+            metrics["alpha_entropy_normal"] + metrics["alpha_entropy_reduce"]
+        ) / 2
+        self.history.append(metrics)
+        return metrics
+
+    def eval_masks(self) -> torch.Tensor:
+        """The fixed evaluation masks: the same every epoch and in every run with this config."""
+        s = self.cfg.search
+        gen = torch.Generator().manual_seed(s.seed + 3)
+        n = self.data.eval_images.shape[0]
+        return self._mask(n, s.eval_patch_size, s.eval_mask_ratio, generator=gen)
+
+    @torch.no_grad()
+    def evaluate(self) -> tuple[float, float]:
+        """Masked loss and PSNR on the fixed evaluation images with the fixed masks."""
+        images, masks = self.data.eval_images, self.eval_masks()
+        bs = self.cfg.search.batch_size
+        total_loss = torch.zeros((), device=self.device)
+        total_psnr = torch.zeros((), device=self.device)
+        chunks = 0
+        for i in range(0, images.shape[0], bs):
+            x, m = images[i : i + bs], masks[i : i + bs]
+            loss, pred = self._loss(x, m)
+            total_loss += loss
+            total_psnr += masked_psnr(pred, x, m, self.data.mean, self.data.std)
+            chunks += 1
+        return float(total_loss / chunks), float(total_psnr / chunks)
+
+    @torch.no_grad()
+    def write_artifacts(self, out_dir: Path) -> None:
+        from maenas_ray import viz
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        genotype = self.model.encoder.genotype()
+        (out_dir / "genotype.json").write_text(genotype.to_json(indent=2) + "\n")
+        x = self.data.eval_images[:8]
+        mask = self.eval_masks()[:8]
+        with self.autocast():
+            pred = self.model(x, mask)
+        patch = self.cfg.search.eval_patch_size or self.cfg.search.patch_size
+        mean, std = self.data.mean.tolist(), self.data.std.tolist()
+        viz.save_reconstruction_grid(
+            out_dir / "reconstruction.png", x, apply_mask(x, mask, patch), pred, mean, std,
+            title=f"epoch {self.epoch}: original / masked / reconstruction",
+        )  # fmt: skip
+        viz.save_alpha_heatmaps(
+            out_dir / "alphas.png",
+            self.alphas[0],
+            self.alphas[1],
+            title=f"α after epoch {self.epoch}",
+        )
+        viz.save_cell_drawings(out_dir / "cells.png", genotype, title="derived cells")
+
+
+def run_search(
+    config: Config,
+    callbacks: SearchCallback | Iterable[SearchCallback] | None = None,
+    *,
+    resume_from: str | Path | dict[str, Any] | None = None,
+    out_dir: str | Path | None = None,
+    dataset: ImageDataset | None = None,
+) -> SearchResult:
+    """Run one MAE-DARTS search to ``config.search.epochs``.
+
+    ``callbacks`` get an :class:`EpochReport` after each epoch (metrics, genotype and a
+    ``save_checkpoint(dir)`` hook). ``resume_from`` (a checkpoint file or directory, or a
+    loaded state) continues a search. With ``out_dir`` the final ``genotype.json`` and
+    the pictures (reconstruction grid, α heatmaps, cell drawings) are written there.
+    ``dataset`` replaces the configured dataset (tests).
+    """
+    if callbacks is None:
+        callbacks = []
+    elif isinstance(callbacks, SearchCallback):
+        callbacks = [callbacks]
+    callbacks = list(callbacks)
+    search = _Search(config, dataset)
+    if resume_from is not None:
+        state = resume_from if isinstance(resume_from, dict) else load_search_state(resume_from)
+        search.restore(state)
+    epochs = config.search.epochs
+    while search.epoch < epochs:
+        metrics = search.run_epoch()
+        if not all(math.isfinite(v) for v in metrics.values() if isinstance(v, float)):
+            raise FloatingPointError(f"non-finite metrics after epoch {search.epoch}: {metrics}")
+        report = EpochReport(
+            search.epoch, epochs, metrics, search.model.encoder.genotype(), search.state
+        )
+        for cb in callbacks:
+            cb.on_epoch_end(report)
+    if out_dir is not None:
+        search.write_artifacts(Path(out_dir))
+    final = search.history[-1] if search.history else {}
+    return SearchResult(
+        genotype=search.model.encoder.genotype(),
+        metrics=final,
+        history=list(search.history),
+        alphas_normal=search.alphas[0].detach().cpu().clone(),
+        alphas_reduce=search.alphas[1].detach().cpu().clone(),
+    )

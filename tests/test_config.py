@@ -1,0 +1,82 @@
+import pytest
+import yaml
+
+from maenas_ray.config import Config, ConfigError, config_from_dict, load_config
+
+
+def test_defaults_are_the_design_numbers():
+    cfg = load_config()
+    s = cfg.search
+    assert (s.channels, s.layers, s.epochs, s.batch_size) == (16, 8, 50, 64)
+    assert (s.lr, s.lr_min, s.momentum, s.weight_decay, s.grad_clip) == (
+        0.025, 0.001, 0.9, 3e-4, 5.0,
+    )  # fmt: skip
+    assert (s.arch_lr, s.arch_betas, s.arch_weight_decay) == (3e-4, (0.5, 0.999), 1e-3)
+    assert cfg.data.train_portion == 0.5 and s.unrolled is False and s.decoder == "hierarchical"
+
+
+def test_yaml_file_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"search": {"mask_ratio": 0.3, "arch_betas": [0.6, 0.9]}}))
+    cfg = load_config(path, ["search.patch_size=8", "data.dataset=cifar10", "search.unrolled=true"])
+    assert cfg.search.mask_ratio == 0.3 and cfg.search.arch_betas == (0.6, 0.9)
+    assert cfg.search.patch_size == 8 and cfg.search.unrolled is True
+    assert cfg.data.dataset == "cifar10"
+    assert config_from_dict(cfg.to_dict()) == cfg  # round trip through plain data
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["search.mask_ratio=1.5"], r"search.mask_ratio = 1.5: must be in \(0, 1\)"),
+        (["search.mask_ratio=0"], r"search.mask_ratio = 0.0: must be in \(0, 1\)"),
+        (["search.patch_size=5"], r"search.patch_size = 5: must divide data.image_size \(32\)"),
+        (["search.decoder_depth=0"], r"search.decoder_depth = 0: must be >= 1"),
+        (["data.dataset=mnist"], r"data.dataset = 'mnist': allowed: synthetic, cifar10, cifar100"),
+        (["search.decoder=unet"], r"search.decoder = 'unet': allowed: hierarchical, plain"),
+        (["search.mask_rate=0.5"], r"unknown key 'search.mask_rate'; allowed keys here: channels"),
+        (["serach.mask_ratio=0.5"], r"unknown key 'serach'; allowed keys here: data, search"),
+        (["search.epochs=ten"], r"search.epochs = 'ten': expected an integer"),
+        (["search.epochs=-3"], r"search.epochs = -3: must be a positive integer"),
+        (["search.epochs=2.5"], r"search.epochs = 2.5: expected an integer"),
+        (["search.unrolled=1"], r"search.unrolled = 1: expected true or false"),
+        (["search.device=tpu"], r"search.device = 'tpu': expected one of 'auto', 'cpu', 'cuda'"),
+        (["search.arch_betas=[0.5]"], r"search.arch_betas = \[0.5\]: expected a list of 2"),
+        (["search.patch_size=32"], r"search.mask_ratio = 0.5: masks 0 of the 1 patches"),
+        (["search.eval_mask_ratio=0.99", "search.patch_size=16"],
+         r"search.eval_mask_ratio = 0.99: masks 4 of the 4 patches"),
+        (["data.train_portion=1"], r"data.train_portion = 1.0: must be in \(0, 1\)"),
+        (["data.dataset=cifar10", "data.image_size=64"], r"data.image_size = 64: cifar10 images"),
+        (["search.stem=imagenet", "data.image_size=48"],
+         r"data.image_size = 48: must be a multiple of 32 for stem 'imagenet'"),
+        (["search.lr_min=0.1"], r"search.lr_min = 0.1: must be <= search.lr"),
+        (["search=3"], r"search = 3: expected a mapping"),
+        (["search.mask_ratio"], r"--set 'search.mask_ratio': expected key=value"),
+    ],
+)  # fmt: skip
+def test_config_errors_name_key_value_and_allowed(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_imagefolder_needs_an_existing_root(tmp_path):
+    with pytest.raises(ConfigError, match=r"data.root = '.*nope': imagefolder needs an existing"):
+        load_config(None, ["data.dataset=imagefolder", f"data.root={tmp_path / 'nope'}"])
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "none.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("search: [1, 2\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_config(bad)
+    top = tmp_path / "top.yaml"
+    top.write_text("- 1\n")
+    with pytest.raises(ConfigError, match="expected a mapping at the top level"):
+        load_config(top)
+
+
+def test_config_is_a_typed_tree():
+    cfg = Config()
+    assert cfg.to_dict()["search"]["arch_betas"] == [0.5, 0.999]
