@@ -219,34 +219,19 @@ def search_data(
                 f"{dataset.images.shape[-2]}x{dataset.images.shape[-1]}"
             )
         all_images = dataset.images.to(device)
-        w: Batches = DeviceBatches(
-            all_images[torch.tensor(w_idx, device=device)],
-            mean,
-            std,
-            batch_size,
-            cfg.augment,
-            generator,
-        )
-        a: Batches = DeviceBatches(
-            all_images[torch.tensor(a_idx, device=device)],
-            mean,
-            std,
-            batch_size,
-            cfg.augment,
-            generator,
-        )
-    else:
         w, a = (
-            WorkerBatches(
-                dataset,
-                idx,
-                cfg.image_size,
-                batch_size,
-                cfg.augment,
-                cfg.num_workers,
-                device,
+            DeviceBatches(
+                all_images[torch.tensor(idx, device=device)], mean, std, batch_size, cfg.augment,
                 generator,
             )
             for idx in (w_idx, a_idx)
-        )
+        )  # fmt: skip
+    else:
+        w, a = (
+            WorkerBatches(
+                dataset, idx, cfg.image_size, batch_size, cfg.augment, cfg.num_workers, device,
+                generator,
+            )
+            for idx in (w_idx, a_idx)
+        )  # fmt: skip
     return SearchData(w, a, a.head(min(eval_images, len(a_idx))), mean, std, loader)

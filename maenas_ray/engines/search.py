@@ -387,7 +387,11 @@ class _Search:
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, float]:
-        """Masked loss and PSNR on the fixed evaluation images with the fixed masks."""
+        """Masked loss and PSNR on the fixed evaluation images with the fixed masks.
+
+        BatchNorm stays in training mode (batch statistics), as in every search step:
+        the search-time BN is non-affine and its running statistics are never used.
+        """
         images, masks = self.data.eval_images, self.eval_masks()
         bs = self.cfg.search.batch_size
         total_loss = torch.zeros((), device=self.device)

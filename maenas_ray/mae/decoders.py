@@ -21,8 +21,49 @@ def _upsample(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
 
 
-class HierarchicalDecoder(nn.Module):
-    """Fuse every scale, coarse to fine.
+class _CoarseToFine(nn.Module):
+    """Project the deepest feature to ``width`` channels, then per finer scale: upsample to
+    its size, optionally add its 1x1-projected lateral, run ``depth`` conv-BN-ReLU blocks."""
+
+    laterals_used: bool
+
+    def __init__(
+        self,
+        feature_channels: Sequence[int],
+        width: int = 64,
+        depth: int = 1,
+        out_channels: int = 3,
+    ) -> None:
+        super().__init__()
+        if depth < 1:
+            raise ValueError(f"decoder depth={depth}; must be >= 1")
+        self.project = nn.Conv2d(feature_channels[-1], width, 1)
+        self.laterals = (
+            nn.ModuleList(nn.Conv2d(c, width, 1) for c in feature_channels[-2::-1])
+            if self.laterals_used
+            else None
+        )
+        self.stages = nn.ModuleList(
+            nn.Sequential(*(_block(width) for _ in range(depth))) for _ in feature_channels[:-1]
+        )
+        self.head = nn.Conv2d(width, out_channels, 1)
+
+    def forward(
+        self, features: Sequence[torch.Tensor], output_size: Sequence[int] | None = None
+    ) -> torch.Tensor:
+        x = self.project(features[-1])
+        for k, (stage, feat) in enumerate(zip(self.stages, features[-2::-1], strict=True)):
+            x = _upsample(x, feat.shape[-2:])
+            if self.laterals is not None:
+                x = x + self.laterals[k](feat)
+            x = stage(x)
+        if output_size is not None and tuple(x.shape[-2:]) != tuple(output_size):
+            x = _upsample(x, output_size)
+        return self.head(x)
+
+
+class HierarchicalDecoder(_CoarseToFine):
+    """Fuse every scale, coarse to fine (the paper's decoder).
 
     The deepest feature is projected to ``width`` channels; for each finer scale the
     running map is upsampled x2, a 1x1-projected lateral of that scale's feature is
@@ -30,62 +71,14 @@ class HierarchicalDecoder(nn.Module):
     image size if the stem downsampled, and a 1x1 conv maps it to ``out_channels``.
     """
 
-    def __init__(
-        self,
-        feature_channels: Sequence[int],
-        width: int = 64,
-        depth: int = 1,
-        out_channels: int = 3,
-    ) -> None:
-        super().__init__()
-        if depth < 1:
-            raise ValueError(f"decoder depth={depth}; must be >= 1")
-        self.project = nn.Conv2d(feature_channels[-1], width, 1)
-        self.laterals = nn.ModuleList(nn.Conv2d(c, width, 1) for c in feature_channels[-2::-1])
-        self.stages = nn.ModuleList(
-            nn.Sequential(*(_block(width) for _ in range(depth))) for _ in feature_channels[:-1]
-        )
-        self.head = nn.Conv2d(width, out_channels, 1)
-
-    def forward(
-        self, features: Sequence[torch.Tensor], output_size: Sequence[int] | None = None
-    ) -> torch.Tensor:
-        x = self.project(features[-1])
-        for lateral, stage, feat in zip(self.laterals, self.stages, features[-2::-1], strict=True):
-            x = stage(_upsample(x, feat.shape[-2:]) + lateral(feat))
-        if output_size is not None and tuple(x.shape[-2:]) != tuple(output_size):
-            x = _upsample(x, output_size)
-        return self.head(x)
+    laterals_used = True
 
 
-class PlainDecoder(nn.Module):
-    """Ablation: the deepest feature only, with the same number of upsampling stages and blocks."""
+class PlainDecoder(_CoarseToFine):
+    """Ablation: the deepest feature only, with the same upsampling stages and blocks
+    (finer features give their size, never their content)."""
 
-    def __init__(
-        self,
-        feature_channels: Sequence[int],
-        width: int = 64,
-        depth: int = 1,
-        out_channels: int = 3,
-    ) -> None:
-        super().__init__()
-        if depth < 1:
-            raise ValueError(f"decoder depth={depth}; must be >= 1")
-        self.project = nn.Conv2d(feature_channels[-1], width, 1)
-        self.stages = nn.ModuleList(
-            nn.Sequential(*(_block(width) for _ in range(depth))) for _ in feature_channels[:-1]
-        )
-        self.head = nn.Conv2d(width, out_channels, 1)
-
-    def forward(
-        self, features: Sequence[torch.Tensor], output_size: Sequence[int] | None = None
-    ) -> torch.Tensor:
-        x = self.project(features[-1])
-        for stage, feat in zip(self.stages, features[-2::-1], strict=True):
-            x = stage(_upsample(x, feat.shape[-2:]))  # the finer map's size, never its content
-        if output_size is not None and tuple(x.shape[-2:]) != tuple(output_size):
-            x = _upsample(x, output_size)
-        return self.head(x)
+    laterals_used = False
 
 
 DecoderBuilder = Callable[..., nn.Module]
