@@ -163,6 +163,8 @@ class Config:
     search: SearchConfig = field(default_factory=SearchConfig)
 
     def check(self) -> None:
+        from maenas_ray.mae import num_masked
+
         self.data.check()
         self.search.check()
         size = self.data.image_size
@@ -180,7 +182,7 @@ class Config:
                     f"must divide data.image_size ({size}); divisors: {_divisors(size)}",
                 )
             patches = (size // patch) ** 2
-            masked = round(ratio * patches)
+            masked = num_masked(size, size, patch, ratio)
             if not 0 < masked < patches:
                 _fail(
                     f"search.{ratio_key}",

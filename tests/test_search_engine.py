@@ -174,7 +174,7 @@ def test_second_order_gradient_matches_finite_differences():
     lr, wd, mom = 0.05, 3e-4, 0.9
     # DARTS' radius (0.01 / |v|) is tuned for float32 and large models; on this tiny float64
     # model a small radius keeps the Hessian-vector product on one linear piece of the ReLUs
-    grads, _ = unrolled_arch_gradients(
+    grads, _, _ = unrolled_arch_gradients(
         model, arch, x_w, m_w, x_a, m_a, lr, wd, buffers, mom, fd_radius=1e-6
     )
 

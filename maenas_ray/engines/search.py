@@ -152,26 +152,28 @@ def unrolled_arch_gradients(
     norm_pix: bool = False,
     autocast: Callable[[], AbstractContextManager] = nullcontext,
     fd_radius: float = 0.01,
-) -> tuple[list[torch.Tensor], torch.Tensor]:
+) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
     """Second-order DARTS gradient of the A-loss with respect to α.
 
     ``w' = w - lr * (momentum * buf + ∇w L_W(w, α) + weight_decay * w)`` (the SGD step the
     weights are about to take), then ``∇α L_A(w', α) - lr * H`` where ``H`` is the
     finite-difference Hessian-vector product ``(∇α L_W(w+, α) - ∇α L_W(w-, α)) / 2ε`` with
     ``w± = w ± ε ∇w' L_A(w', α)`` and ``ε = fd_radius / ‖∇w' L_A‖``. Returns the α
-    gradients (in ``arch_names`` order) and ``L_A(w', α)``.
+    gradients (in ``arch_names`` order), ``L_A(w', α)`` and the reconstruction at ``w'``.
     """
     params = dict(model.named_parameters())
     alphas = {n: params[n] for n in arch_names}
     weights = {n: p for n, p in params.items() if n not in alphas}
 
-    def loss_at(w: dict[str, torch.Tensor], x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def loss_at(
+        w: dict[str, torch.Tensor], x: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         with autocast():
             pred = functional_call(model, {**w, **alphas}, (x, mask))
-        return masked_mse(pred, x, mask, norm_pix)
+        return masked_mse(pred, x, mask, norm_pix), pred
 
     names = list(weights)
-    g_w = torch.autograd.grad(loss_at(weights, x_w, mask_w), [weights[n] for n in names])
+    g_w = torch.autograd.grad(loss_at(weights, x_w, mask_w)[0], [weights[n] for n in names])
     unrolled = {}
     with torch.no_grad():
         for n, g in zip(names, g_w, strict=True):
@@ -180,19 +182,19 @@ def unrolled_arch_gradients(
             if n in momentum_buffers:
                 step = step + momentum * momentum_buffers[n]
             unrolled[n] = (p - lr * step).requires_grad_()
-    loss_a = loss_at(unrolled, x_a, mask_a)
+    loss_a, pred_a = loss_at(unrolled, x_a, mask_a)
     grads = torch.autograd.grad(loss_a, [*alphas.values(), *unrolled.values()])
     d_alpha, d_w = grads[: len(alphas)], grads[len(alphas) :]
     with torch.no_grad():
         eps = fd_radius / torch.cat([g.flatten() for g in d_w]).norm()
         w_plus = {n: weights[n] + eps * d for n, d in zip(names, d_w, strict=True)}
         w_minus = {n: weights[n] - eps * d for n, d in zip(names, d_w, strict=True)}
-    g_plus = torch.autograd.grad(loss_at(w_plus, x_w, mask_w), list(alphas.values()))
-    g_minus = torch.autograd.grad(loss_at(w_minus, x_w, mask_w), list(alphas.values()))
+    g_plus = torch.autograd.grad(loss_at(w_plus, x_w, mask_w)[0], list(alphas.values()))
+    g_minus = torch.autograd.grad(loss_at(w_minus, x_w, mask_w)[0], list(alphas.values()))
     result = [
         da - lr * (gp - gm) / (2 * eps) for da, gp, gm in zip(d_alpha, g_plus, g_minus, strict=True)
     ]
-    return result, loss_a.detach()
+    return result, loss_a.detach(), pred_a.detach()
 
 
 class _Search:
@@ -273,7 +275,9 @@ class _Search:
             self.epoch = int(state["epoch"])
             self.history = json.loads(state["history"])
         except (KeyError, RuntimeError, ValueError) as err:
-            raise ValueError(f"the checkpoint does not match this search config: {err}") from None
+            raise CheckpointMismatchError(
+                f"the checkpoint does not fit this search: {err}"
+            ) from None
 
     # --- steps ------------------------------------------------------------------------
     def _mask(self, batch: int, patch: int | None = None, ratio: float | None = None,
@@ -300,14 +304,12 @@ class _Search:
                 for n, p in zip(self.weight_names, self.weights, strict=True)
                 if "momentum_buffer" in self.w_opt.state.get(p, {})
             }
-            grads, loss = unrolled_arch_gradients(
+            grads, loss, pred = unrolled_arch_gradients(
                 self.model, self.arch_names, x_w, mask_w, x_a, mask_a,
                 lr=self.scheduler.get_last_lr()[0], weight_decay=s.weight_decay,
                 momentum_buffers=buffers, momentum=s.momentum,
                 norm_pix=s.norm_pix_loss, autocast=self.autocast,
             )  # fmt: skip
-            with torch.no_grad(), self.autocast():
-                pred = self.model(x_a, mask_a)
         else:
             loss, pred = self._loss(x_a, mask_a)
             grads = torch.autograd.grad(loss, self.alphas)
