@@ -7,6 +7,8 @@ Defaults live here and nowhere else.
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import re
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -156,17 +158,199 @@ class SearchConfig:
 
 
 @dataclass
+class ParamSpec:
+    """One tuned key of the ``space`` section: a range (``low``, ``high``) or a ``choice``."""
+
+    low: float | None = None
+    high: float | None = None
+    #: sample on a log scale (ranges with low > 0)
+    log: bool = False
+    #: quantisation of a range (e.g. 0.05 for mask ratios, 2 for ints)
+    step: float | None = None
+    #: the values to choose from (instead of low/high)
+    choice: list[Any] | None = None
+
+
+@dataclass
+class TuneSection:
+    """``tune`` section: the Ray Tune experiment around the searches."""
+
+    #: number of trials (each one full MAE-DARTS search)
+    num_samples: int = 8
+    #: trials running at once; null = as many as the cluster's GPUs (or CPUs) allow
+    max_concurrent_trials: int | None = None
+    #: resources of one trial (all its Ray Train workers together)
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    #: Ray Train workers per trial (data parallel); null = one per GPU, at least one
+    num_workers: int | None = None
+    #: Optuna sampler of the outer loop
+    sampler: Literal["tpe", "random", "qmc", "gp"] = "tpe"
+    #: fifo runs every trial to the end; asha stops poor trials early (per epoch)
+    scheduler: Literal["fifo", "asha"] = "fifo"
+    #: asha: epochs before a trial may be stopped, and the halving rate
+    grace_period: int = 1
+    reduction_factor: float = 2.0
+    #: seed of the Optuna sampler
+    seed: int = 0
+    #: restarts of a failed trial (from its last checkpoint)
+    max_failures: int = 2
+    #: checkpoints kept per trial
+    checkpoints_to_keep: int = 2
+    #: Optuna storage URL (e.g. postgresql://...); null = a journal file in the experiment
+    #: directory when storage_path is a local or NFS path, in memory otherwise
+    study_storage: str | None = None
+
+    def workers(self) -> int:
+        """Ray Train workers of one trial."""
+        if self.num_workers is not None:
+            return self.num_workers
+        return max(1, int(self.gpus_per_trial))
+
+    def check(self) -> None:
+        _positive("tune.num_samples", self.num_samples)
+        if self.max_concurrent_trials is not None:
+            _positive("tune.max_concurrent_trials", self.max_concurrent_trials)
+        if self.cpus_per_trial <= 0:
+            _fail("tune.cpus_per_trial", self.cpus_per_trial, "must be > 0")
+        g = self.gpus_per_trial
+        if g < 0 or (g > 1 and g != int(g)):
+            _fail("tune.gpus_per_trial", g, "must be 0, a fraction below 1, or a whole number")
+        if self.num_workers is not None:
+            _positive("tune.num_workers", self.num_workers)
+            if g >= 1 and self.num_workers > g:
+                _fail(
+                    "tune.num_workers",
+                    self.num_workers,
+                    f"at most one worker per GPU (tune.gpus_per_trial = {g:g})",
+                )
+        _positive("tune.grace_period", self.grace_period)
+        if self.reduction_factor <= 1:
+            _fail("tune.reduction_factor", self.reduction_factor, "must be > 1")
+        if self.max_failures < 0:
+            _fail("tune.max_failures", self.max_failures, "must be >= 0")
+        _positive("tune.checkpoints_to_keep", self.checkpoints_to_keep)
+
+
+@dataclass
+class ObjectiveSection:
+    """``objective`` section: what the outer loop optimises."""
+
+    #: a final trial metric; see ``maenas_ray.engines.OBJECTIVES``
+    metric: str = "eval_loss"
+    #: null = the metric's natural direction (min for losses, max for PSNR)
+    mode: Literal["min", "max"] | None = None
+
+    def check(self) -> None:
+        from maenas_ray.engines import OBJECTIVES
+
+        if self.metric not in OBJECTIVES:
+            _fail("objective.metric", self.metric, f"allowed: {', '.join(OBJECTIVES)}")
+
+    def resolved_mode(self) -> str:
+        from maenas_ray.engines import OBJECTIVES
+
+        return self.mode or OBJECTIVES[self.metric]
+
+
+def _default_space() -> dict[str, ParamSpec]:
+    return {
+        "mask_ratio": ParamSpec(low=0.3, high=0.8),
+        "patch_size": ParamSpec(choice=[2, 4, 8]),
+        "decoder_depth": ParamSpec(low=1, high=3),
+    }
+
+
+@dataclass
 class Config:
-    """The root of the config tree."""
+    """The root of the config tree.
+
+    ``data`` and ``search`` describe one search; ``tune``, ``space``, ``objective``,
+    ``storage_path`` and ``name`` describe a sweep of them (``python -m maenas_ray.sweep``).
+    """
 
     data: DataConfig = field(default_factory=DataConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+    tune: TuneSection = field(default_factory=TuneSection)
+    #: search keys the outer loop tunes, each a range or a choice
+    space: dict[str, ParamSpec] = field(default_factory=_default_space)
+    objective: ObjectiveSection = field(default_factory=ObjectiveSection)
+    #: where experiments live: a local or NFS directory, s3://bucket/path or gs://bucket/path
+    storage_path: str = "~/maenas_ray_results"
+    #: experiment name (a directory under storage_path); null = <config name>-<date-time>
+    name: str | None = None
 
     def check(self) -> None:
-        from maenas_ray.mae import num_masked
-
         self.data.check()
         self.search.check()
+        self.tune.check()
+        self.objective.check()
+        self._check_search()
+
+    def check_sweep(self) -> None:
+        """The checks of a sweep on top of :meth:`check`: workers and the tuned space."""
+        workers = self.tune.workers()
+        if self.search.batch_size % workers:
+            _fail(
+                "search.batch_size",
+                self.search.batch_size,
+                f"must be divisible by the {workers} Ray Train workers of a trial",
+            )
+        if self.name is not None and not _NAME.fullmatch(self.name):
+            _fail("name", self.name, "letters, digits, '.', '_' and '-' only (a directory name)")
+        if not self.storage_path:
+            _fail("storage_path", self.storage_path, "a directory or an s3:// or gs:// URI")
+        if not self.space:
+            _fail("space", self.space, "name at least one search key to tune")
+        self._check_space()
+
+    def _check_space(self) -> None:
+        """Every tuned key exists, its spec fits its type, and the extremes are valid."""
+        hints = typing.get_type_hints(SearchConfig)
+        corners: list[list[tuple[str, Any]]] = []
+        for key, spec in self.space.items():
+            where = f"space.{key}"
+            if key not in hints:
+                names = ", ".join(f.name for f in dataclasses.fields(SearchConfig))
+                raise ConfigError(f"{where}: not a search key; tunable keys: {names}")
+            tp = hints[key]
+            if spec.choice is not None:
+                if spec.low is not None or spec.high is not None:
+                    _fail(where, dataclasses.asdict(spec), "give either low/high or choice")
+                if not spec.choice:
+                    _fail(f"{where}.choice", spec.choice, "must list at least one value")
+                values = [_coerce(tp, v, f"{where}.choice") for v in spec.choice]
+            else:
+                if spec.low is None or spec.high is None:
+                    _fail(where, dataclasses.asdict(spec), "needs low and high, or choice")
+                if not _numeric(tp):
+                    _fail(where, dataclasses.asdict(spec), f"search.{key} takes choice only")
+                if spec.low >= spec.high:
+                    _fail(f"{where}.low", spec.low, f"must be below high ({spec.high})")
+                if spec.log and spec.low <= 0:
+                    _fail(f"{where}.low", spec.low, "must be > 0 with log: true")
+                if spec.step is not None and spec.step <= 0:
+                    _fail(f"{where}.step", spec.step, "must be > 0")
+                if _numeric(tp) is int:
+                    for bound in ("low", "high", "step"):
+                        v = getattr(spec, bound)
+                        if v is not None and v != int(v):
+                            _fail(f"{where}.{bound}", v, f"search.{key} is an integer")
+                values = [_numeric(tp)(spec.low), _numeric(tp)(spec.high)]
+            corners.append([(key, v) for v in values])
+        for combo in itertools.islice(itertools.product(*corners), 512):
+            point_search = dataclasses.replace(self.search, **dict(combo))
+            trial = dataclasses.replace(self, search=point_search)
+            try:
+                trial.search.check()
+                trial._check_search()
+            except ConfigError as err:
+                point = ", ".join(f"{k}={v!r}" for k, v in combo)
+                raise ConfigError(f"space: the trial point {point} is invalid: {err}") from None
+
+    def _check_search(self) -> None:
+        from maenas_ray.mae import num_masked
+
         size = self.data.image_size
         s = self.search
         for ratio_key, patch_key in (
@@ -198,6 +382,15 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))
+
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def _numeric(tp: Any) -> type | None:
+    """``int`` or ``float`` for a numeric field type (optional or not), else None."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
+    return args[0] if len(args) == 1 and args[0] in (int, float) else None
 
 
 def _positive(key: str, value: Any) -> None:
@@ -238,6 +431,20 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key)
+    if tp is Any:
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        _fail(key, value, "expected a number, a string, true or false")
+    if origin is dict:
+        _, inner = typing.get_args(tp)
+        if not isinstance(value, Mapping):
+            _fail(key, value, "expected a mapping of keys to values")
+        return {str(k): _coerce(inner, v, f"{key}.{k}") for k, v in value.items()}
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            _fail(key, value, "expected a list")
+        return [_coerce(inner, v, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin in (types.UnionType, typing.Union):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -318,14 +525,23 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
     return data
 
 
-def config_from_dict(data: Mapping[str, Any] | None, overrides: Iterable[str] = ()) -> Config:
-    """Build and validate the config tree from plain data (e.g. parsed YAML)."""
+def config_from_dict(
+    data: Mapping[str, Any] | None, overrides: Iterable[str] = (), *, sweep: bool = False
+) -> Config:
+    """Build and validate the config tree from plain data (e.g. parsed YAML).
+
+    ``sweep=True`` also checks what a sweep needs (:meth:`Config.check_sweep`).
+    """
     cfg = _build(Config, apply_overrides(dict(data or {}), overrides), "")
     cfg.check()
+    if sweep:
+        cfg.check_sweep()
     return cfg
 
 
-def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
+def load_config(
+    path: str | Path | None = None, overrides: Iterable[str] = (), *, sweep: bool = False
+) -> Config:
     """Load a YAML config file (or the defaults when ``path`` is None) and apply ``--set`` items."""
     data: Any = {}
     if path is not None:
@@ -340,4 +556,4 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
             data = {}
         if not isinstance(data, dict):
             raise ConfigError(f"config file {str(path)!r}: expected a mapping at the top level")
-    return config_from_dict(data, overrides)
+    return config_from_dict(data, overrides, sweep=sweep)

@@ -10,6 +10,10 @@ Two paths give the same stream of normalised float batches on the target device:
 
 All randomness comes from one CPU ``torch.Generator`` whose state is checkpointed, so a
 resumed search sees the same batches as an uninterrupted one.
+
+Data parallel (``shard=(rank, world)``): every rank draws the same global batch of
+``batch_size`` images and keeps every ``world``-th one from position ``rank``, so the ranks
+together see exactly the batches a single process would, and their generators stay equal.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 
 from maenas_ray.config import DataConfig
 from maenas_ray.data.datasets import ImageDataset, build_dataset
@@ -59,8 +63,10 @@ class DeviceBatches:
         batch_size: int,
         augment: bool,
         generator: torch.Generator,
+        shard: tuple[int, int] = (0, 1),
     ) -> None:
         self.images = images
+        self.rank, self.world = shard
         self.mean, self.std = mean.to(images.device), std.to(images.device)
         self.batch_size = batch_size
         self.augment = augment
@@ -75,9 +81,9 @@ class DeviceBatches:
         order = order.to(self.images.device)
         for k in range(len(self)):
             x = self.images[order[k * self.batch_size : (k + 1) * self.batch_size]]
-            if self.augment:
+            if self.augment:  # the global batch: the same random draws on every rank
                 x = random_crop_flip(x, self.padding, self.generator)
-            yield normalize(x, self.mean, self.std)
+            yield normalize(x[self.rank :: self.world], self.mean, self.std)
 
     def head(self, n: int) -> torch.Tensor:
         """The first ``n`` images, normalised, not augmented (a fixed evaluation set)."""
@@ -120,6 +126,18 @@ def image_transforms(dataset: ImageDataset, image_size: int, augment: bool):
     return v2.Compose(steps)
 
 
+class _ShardedBatches(BatchSampler):
+    """Global batches of indices (drop_last), each cut to this rank's share."""
+
+    def __init__(self, sampler: RandomSampler, batch_size: int, shard: tuple[int, int]) -> None:
+        super().__init__(sampler, batch_size, drop_last=True)
+        self.rank, self.world = shard
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in super().__iter__():
+            yield batch[self.rank :: self.world]
+
+
 class WorkerBatches:
     """Batches from a DataLoader with worker processes (the general path)."""
 
@@ -133,15 +151,15 @@ class WorkerBatches:
         num_workers: int,
         device: torch.device,
         generator: torch.Generator,
+        shard: tuple[int, int] = (0, 1),
     ) -> None:
         self.dataset, self.indices, self.image_size = dataset, list(indices), image_size
         self.device = device
         view = _ImagesOnly(dataset, indices, image_transforms(dataset, image_size, augment))
+        batches = _ShardedBatches(RandomSampler(view, generator=generator), batch_size, shard)
         self.loader = DataLoader(
             view,
-            batch_size=batch_size,
-            sampler=RandomSampler(view, generator=generator),
-            drop_last=True,
+            batch_sampler=batches,
             num_workers=num_workers,
             pin_memory=device.type == "cuda",
             generator=generator,
@@ -183,11 +201,14 @@ def search_data(
     generator: torch.Generator,
     eval_images: int,
     dataset: ImageDataset | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> SearchData:
     """Split the training images into W and A halves and build the batch streams.
 
     The split is a fixed permutation from ``cfg.seed``; shuffling and augmentation draw
-    from ``generator``. ``dataset`` overrides the registry (tests).
+    from ``generator``. ``batch_size`` is the global batch; with ``shard=(rank, world)``
+    the streams yield this rank's ``batch_size / world`` images of it. ``dataset``
+    overrides the registry (tests).
     """
     dataset = dataset if dataset is not None else build_dataset(cfg, train=True)
     n = len(dataset) if cfg.max_images is None else min(cfg.max_images, len(dataset))
@@ -222,7 +243,7 @@ def search_data(
         w, a = (
             DeviceBatches(
                 all_images[torch.tensor(idx, device=device)], mean, std, batch_size, cfg.augment,
-                generator,
+                generator, shard,
             )
             for idx in (w_idx, a_idx)
         )  # fmt: skip
@@ -230,7 +251,7 @@ def search_data(
         w, a = (
             WorkerBatches(
                 dataset, idx, cfg.image_size, batch_size, cfg.augment, cfg.num_workers, device,
-                generator,
+                generator, shard,
             )
             for idx in (w_idx, a_idx)
         )  # fmt: skip

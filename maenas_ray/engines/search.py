@@ -5,6 +5,11 @@ architecture step on an A-batch, then a weight step on a W-batch, each with its 
 freshly drawn mask; labels are never read. After every epoch the callbacks get the
 metrics and can write a checkpoint of the whole search state, from which
 ``run_search(..., resume_from=...)`` continues bit-for-bit (on CPU, fixed seed).
+
+Data parallel: when ``torch.distributed`` is initialised (e.g. by Ray Train) each rank
+takes its share of every global batch and of every mask, and the weight and α gradients
+are averaged over the ranks before each step; all ranks draw the same random numbers, so
+their states stay identical and one rank's checkpoint is the whole search.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.func import functional_call
 
@@ -31,6 +37,34 @@ from maenas_ray.space import Genotype, Supernet
 
 CHECKPOINT_FILE = "search_state.pt"
 CHECKPOINT_FORMAT = "maenas-search-v1"
+
+#: Final metrics a sweep may optimise, with their natural direction.
+OBJECTIVES = {
+    "eval_loss": "min",  # masked reconstruction loss on fixed images and fixed masks
+    "eval_psnr": "max",
+    "val_loss": "min",  # mean A-split loss of the last epoch (the α objective)
+    "val_psnr": "max",
+}
+
+
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of ranks (``(0, 1)`` without torch.distributed)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def average_over_ranks(tensors: Sequence[torch.Tensor]) -> None:
+    """In place: each tensor becomes its mean over the ranks (one all-reduce in total)."""
+    if rank_and_world()[1] == 1 or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1).float() for t in tensors])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -97,13 +131,18 @@ class EpochReport:
 
     def save_checkpoint(self, directory: str | Path) -> Path:
         """Write the whole search state to ``directory/search_state.pt`` (atomically)."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        path = directory / CHECKPOINT_FILE
-        tmp = path.with_suffix(".tmp")
-        torch.save(self._state(), tmp)
-        os.replace(tmp, path)
-        return path
+        return save_search_state(self._state(), directory)
+
+
+def save_search_state(state: dict[str, Any], directory: str | Path) -> Path:
+    """Write a search state to ``directory/search_state.pt`` atomically; returns the file."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / CHECKPOINT_FILE
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    return path
 
 
 class SearchCallback:
@@ -152,6 +191,7 @@ def unrolled_arch_gradients(
     norm_pix: bool = False,
     autocast: Callable[[], AbstractContextManager] = nullcontext,
     fd_radius: float = 0.01,
+    reduce: Callable[[Sequence[torch.Tensor]], None] | None = None,
 ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
     """Second-order DARTS gradient of the A-loss with respect to α.
 
@@ -160,6 +200,8 @@ def unrolled_arch_gradients(
     finite-difference Hessian-vector product ``(∇α L_W(w+, α) - ∇α L_W(w-, α)) / 2ε`` with
     ``w± = w ± ε ∇w' L_A(w', α)`` and ``ε = fd_radius / ‖∇w' L_A‖``. Returns the α
     gradients (in ``arch_names`` order), ``L_A(w', α)`` and the reconstruction at ``w'``.
+    ``reduce`` (data parallel) averages the two weight gradients in place over the ranks,
+    so ``w'`` and ``w±`` are the same everywhere; the caller averages the result.
     """
     params = dict(model.named_parameters())
     alphas = {n: params[n] for n in arch_names}
@@ -173,7 +215,9 @@ def unrolled_arch_gradients(
         return masked_mse(pred, x, mask, norm_pix), pred
 
     names = list(weights)
-    g_w = torch.autograd.grad(loss_at(weights, x_w, mask_w)[0], [weights[n] for n in names])
+    g_w = list(torch.autograd.grad(loss_at(weights, x_w, mask_w)[0], [weights[n] for n in names]))
+    if reduce is not None:
+        reduce(g_w)
     unrolled = {}
     with torch.no_grad():
         for n, g in zip(names, g_w, strict=True):
@@ -184,7 +228,9 @@ def unrolled_arch_gradients(
             unrolled[n] = (p - lr * step).requires_grad_()
     loss_a, pred_a = loss_at(unrolled, x_a, mask_a)
     grads = torch.autograd.grad(loss_a, [*alphas.values(), *unrolled.values()])
-    d_alpha, d_w = grads[: len(alphas)], grads[len(alphas) :]
+    d_alpha, d_w = grads[: len(alphas)], list(grads[len(alphas) :])
+    if reduce is not None:
+        reduce(d_w)
     with torch.no_grad():
         eps = fd_radius / torch.cat([g.flatten() for g in d_w]).norm()
         w_plus = {n: weights[n] + eps * d for n, d in zip(names, d_w, strict=True)}
@@ -204,6 +250,12 @@ class _Search:
         self.cfg = cfg
         s = cfg.search
         self.device = resolve_device(s.device)
+        self.rank, self.world = rank_and_world()
+        if s.batch_size % self.world:
+            raise ValueError(
+                f"search.batch_size = {s.batch_size} must be divisible by the {self.world} "
+                "data-parallel workers"
+            )
         self.autocast = autocast_for(self.device, s.precision)
         torch.manual_seed(s.seed)
         encoder = Supernet(s.channels, s.layers, stem=s.stem)
@@ -228,8 +280,9 @@ class _Search:
         self.data_gen = torch.Generator().manual_seed(s.seed + 1)
         self.mask_gen = torch.Generator().manual_seed(s.seed + 2)
         self.data: SearchData = search_data(
-            cfg.data, s.batch_size, self.device, self.data_gen, s.eval_images, dataset
-        )
+            cfg.data, s.batch_size, self.device, self.data_gen, s.eval_images, dataset,
+            shard=(self.rank, self.world),
+        )  # fmt: skip
         self.epoch = 0
         self.history: list[dict[str, Any]] = []
 
@@ -288,6 +341,10 @@ class _Search:
             generator=generator or self.mask_gen, device=self.device,
         )  # fmt: skip
 
+    def _shard(self, batch: torch.Tensor) -> torch.Tensor:
+        """This rank's share of a global batch (the whole batch without data parallel)."""
+        return batch[self.rank :: self.world]
+
     def _loss(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with self.autocast():
             pred = self.model(x, mask)
@@ -308,11 +365,12 @@ class _Search:
                 self.model, self.arch_names, x_w, mask_w, x_a, mask_a,
                 lr=self.scheduler.get_last_lr()[0], weight_decay=s.weight_decay,
                 momentum_buffers=buffers, momentum=s.momentum,
-                norm_pix=s.norm_pix_loss, autocast=self.autocast,
+                norm_pix=s.norm_pix_loss, autocast=self.autocast, reduce=average_over_ranks,
             )  # fmt: skip
         else:
             loss, pred = self._loss(x_a, mask_a)
-            grads = torch.autograd.grad(loss, self.alphas)
+            grads = list(torch.autograd.grad(loss, self.alphas))
+        average_over_ranks(grads)
         for a, g in zip(self.alphas, grads, strict=True):
             a.grad = g
         self.a_opt.step()
@@ -322,6 +380,11 @@ class _Search:
         self.w_opt.zero_grad(set_to_none=True)
         loss, _ = self._loss(x_w, mask_w)
         loss.backward(inputs=self.weights)
+        if self.world > 1:
+            for p in self.weights:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            average_over_ranks([p.grad for p in self.weights])
         nn.utils.clip_grad_norm_(self.weights, self.cfg.search.grad_clip)
         self.w_opt.step()
         return loss.detach()
@@ -337,8 +400,8 @@ class _Search:
         bad_step = torch.full((), -1, device=self.device, dtype=torch.long)
         start = time.perf_counter()
         for step, x_w, x_a in zip(range(steps), self.data.w, self.data.a, strict=False):
-            mask_a = self._mask(x_a.shape[0])
-            mask_w = self._mask(x_w.shape[0])
+            mask_a = self._shard(self._mask(s.batch_size))
+            mask_w = self._shard(self._mask(s.batch_size))
             loss_a, pred_a = self.arch_step(x_a, mask_a, x_w, mask_w)
             loss_w = self.weight_step(x_w, mask_w)
             with torch.no_grad():
@@ -346,6 +409,9 @@ class _Search:
                 sums += torch.stack([loss_w, loss_a, psnr])
                 finite = torch.isfinite(loss_w) & torch.isfinite(loss_a)
                 bad_step = torch.where(~finite & (bad_step < 0), step, bad_step)
+        if self.world > 1:
+            average_over_ranks([sums])
+            dist.all_reduce(bad_step, op=dist.ReduceOp.MAX)
         means = (sums / steps).tolist()  # the one host sync of the epoch
         elapsed = time.perf_counter() - start
         if int(bad_step) >= 0:

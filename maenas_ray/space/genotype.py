@@ -152,6 +152,16 @@ class Genotype:
         edges = {"normal": self.normal, "reduce": self.reduce}[cell]
         return sum(1 for name, _ in edges if name == op)
 
+    def summary(self) -> str:
+        """One line of op counts per cell, most used first: ``normal 4 sep_conv_3x3 ...``."""
+
+        def cell(edges: tuple[Edge, ...]) -> str:
+            names = [op for op, _ in edges]
+            ops = sorted(set(names), key=lambda op: (-names.count(op), op))
+            return ", ".join(f"{names.count(op)} {op}" for op in ops)
+
+        return f"normal: {cell(self.normal)} | reduce: {cell(self.reduce)}"
+
 
 def _parse_cell(weights: torch.Tensor) -> list[Edge]:
     """DARTS rule on one cell's softmax weights (NUM_EDGES x len(PRIMITIVES))."""

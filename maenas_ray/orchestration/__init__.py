@@ -1,0 +1,1 @@
+"""Orchestration: the only layer that imports Ray (Tune trials, Train jobs, experiments)."""

@@ -1,0 +1,329 @@
+"""A sweep experiment: storage, the Ray Tune ``Tuner`` with its Optuna outer loop, results.
+
+The experiment directory ``<storage_path>/<name>`` holds Ray Tune's own state (so
+``ray.tune.Tuner.restore`` opens it), ``sweep_config.yaml`` (the validated config the
+sweep started with), the Optuna study journal ``optuna.journal`` (local or NFS storage;
+open it with ``optuna.load_study`` or ``optuna-dashboard``) and one ``trial_<id>``
+directory per trial with its checkpoints, Train run, ``genotype.json`` and pictures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+import pyarrow.fs
+import ray
+import ray.tune
+import yaml
+from ray.tune.search.optuna import OptunaSearch
+
+from maenas_ray.config import Config, ConfigError, ParamSpec, SearchConfig, config_from_dict
+from maenas_ray.orchestration.search_job import DRIVER_CPU, search_trial
+from maenas_ray.space import Genotype
+
+CONFIG_FILE = "sweep_config.yaml"
+STUDY_JOURNAL = "optuna.journal"
+
+
+class StorageError(ValueError):
+    """The storage path cannot hold an experiment (names the path and the reason)."""
+
+
+@dataclass(frozen=True)
+class Storage:
+    """A storage location as Ray and pyarrow see it."""
+
+    uri: str  # what Ray's storage_path gets: an absolute local path or a URI
+    fs: pyarrow.fs.FileSystem
+    path: str  # the location inside ``fs``
+
+    @property
+    def is_local(self) -> bool:
+        """A local (or NFS-mounted) directory: the Optuna journal file can live there."""
+        return isinstance(self.fs, pyarrow.fs.LocalFileSystem)
+
+    def join(self, *parts: str) -> str:
+        return "/".join([self.path.rstrip("/"), *parts])
+
+    def exists(self, *parts: str) -> bool:
+        return self.fs.get_file_info(self.join(*parts)).type != pyarrow.fs.FileType.NotFound
+
+    def read_text(self, *parts: str) -> str:
+        with self.fs.open_input_stream(self.join(*parts)) as f:
+            return f.read().decode()
+
+    def write_text(self, text: str, *parts: str) -> None:
+        with self.fs.open_output_stream(self.join(*parts)) as f:
+            f.write(text.encode())
+
+    def experiment(self, name: str) -> Storage:
+        sep = "" if self.uri.endswith("/") else "/"
+        return Storage(f"{self.uri}{sep}{name}", self.fs, self.join(name))
+
+
+def resolve_storage(storage_path: str) -> Storage:
+    """``storage_path`` (a directory, ``~/...``, ``s3://...``, ``gs://...``) -> :class:`Storage`."""
+    import os
+
+    if "://" in storage_path:
+        try:
+            fs, path = pyarrow.fs.FileSystem.from_uri(storage_path)
+        except Exception as err:  # pyarrow raises several types for bad URIs
+            raise StorageError(
+                f"storage_path = {storage_path!r}: not a usable URI ({err}); "
+                "use a directory, s3://bucket/path or gs://bucket/path"
+            ) from None
+        return Storage(storage_path.rstrip("/"), fs, path.rstrip("/"))
+    local = os.path.abspath(os.path.expanduser(storage_path))
+    return Storage(local, pyarrow.fs.LocalFileSystem(), local)
+
+
+def check_writable(storage: Storage, key: str = "storage_path") -> None:
+    """Create the storage directory and write and delete a file there, or raise StorageError."""
+    probe = storage.join(f".maenas-write-test-{uuid.uuid4().hex}")
+    try:
+        storage.fs.create_dir(storage.path, recursive=True)
+        storage.write_text("ok", probe.rsplit("/", 1)[1])
+        storage.fs.delete_file(probe)
+    except (OSError, pyarrow.ArrowException) as err:
+        raise StorageError(f"{key} = {storage.uri!r}: cannot write there ({err})") from None
+
+
+# --- the Tuner ------------------------------------------------------------------------
+
+
+def search_domain(key: str, spec: ParamSpec) -> Any:
+    """The Ray Tune search domain of one ``space`` entry (OptunaSearch converts it)."""
+    hints = typing.get_type_hints(SearchConfig)
+    if spec.choice is not None:
+        return ray.tune.choice(list(spec.choice))
+    low, high, step = spec.low, spec.high, spec.step
+    assert low is not None and high is not None  # Config.check_sweep guarantees it
+    if hints[key] is int:
+        if spec.log:
+            return ray.tune.lograndint(int(low), int(high) + 1)
+        if step is not None:
+            return ray.tune.qrandint(int(low), int(high), int(step))
+        return ray.tune.randint(int(low), int(high) + 1)  # randint's upper bound is exclusive
+    if spec.log:
+        return ray.tune.qloguniform(low, high, step) if step else ray.tune.loguniform(low, high)
+    return ray.tune.quniform(low, high, step) if step else ray.tune.uniform(low, high)
+
+
+def param_space(cfg: Config) -> dict[str, Any]:
+    """The Tune parameter space: the tuned search keys as domains, ``{"search": {...}}``.
+
+    The rest of the config reaches every trial through ``tune.with_parameters``, so a
+    trial's config (and Tune's tables) shows only what was tuned.
+    """
+    return {"search": {key: search_domain(key, spec) for key, spec in cfg.space.items()}}
+
+
+def prepare(cfg: Config) -> Config:
+    """The config every trial of a sweep starts from.
+
+    The evaluation masks (the reference objective) are pinned to the config's own mask
+    ratio and patch size unless given, so trials that tune the masking stay comparable.
+    """
+    s = cfg.search
+    search = dataclasses.replace(
+        s,
+        eval_mask_ratio=s.eval_mask_ratio if s.eval_mask_ratio is not None else s.mask_ratio,
+        eval_patch_size=s.eval_patch_size if s.eval_patch_size is not None else s.patch_size,
+    )
+    return dataclasses.replace(cfg, search=search)
+
+
+def sampler(cfg: Config) -> optuna.samplers.BaseSampler:
+    t = cfg.tune
+    if t.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=t.seed)
+    if t.sampler == "qmc":
+        return optuna.samplers.QMCSampler(seed=t.seed)
+    if t.sampler == "gp":
+        return optuna.samplers.GPSampler(seed=t.seed)
+    return optuna.samplers.TPESampler(seed=t.seed)
+
+
+def study_storage(cfg: Config, experiment: Storage) -> Any:
+    """Optuna storage: the configured URL, else a journal file in a local experiment dir."""
+    if cfg.tune.study_storage is not None:
+        return cfg.tune.study_storage
+    if not experiment.is_local:
+        return None  # in memory; Ray Tune still checkpoints the searcher with the experiment
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    return JournalStorage(JournalFileBackend(experiment.join(STUDY_JOURNAL)))
+
+
+def trial_dirname(trial: Any) -> str:
+    return f"trial_{trial.trial_id}"
+
+
+def trainable(cfg: Config) -> Any:
+    """The Tune trainable with the driver's own (tiny) resources; workers get their own."""
+    fn = ray.tune.with_parameters(search_trial, base=cfg.to_dict())
+    return ray.tune.with_resources(fn, {"cpu": DRIVER_CPU})
+
+
+def max_concurrent(cfg: Config, resources: dict[str, float]) -> int:
+    """Trials at once: as many as the cluster's GPUs (or CPUs) fit, at most num_samples.
+
+    Each trial's Ray Train workers need ``gpus_per_trial`` GPUs and ``cpus_per_trial`` CPUs
+    at once; never launching more trials than that avoids trials that hold a driver while
+    waiting forever for workers.
+    """
+    t = cfg.tune
+    if t.max_concurrent_trials is not None:
+        return t.max_concurrent_trials
+    gpus, cpus = resources.get("GPU", 0.0), resources.get("CPU", 0.0)
+    if t.gpus_per_trial > 0:
+        if gpus < t.gpus_per_trial:
+            raise ConfigError(
+                f"tune.gpus_per_trial = {t.gpus_per_trial:g}: the Ray cluster has {gpus:g} "
+                "GPUs; set tune.gpus_per_trial: 0 to search on CPUs, or set "
+                "tune.max_concurrent_trials on an autoscaling cluster"
+            )
+        fit = math.floor(gpus / t.gpus_per_trial + 1e-9)
+    else:
+        if cpus < t.cpus_per_trial:
+            raise ConfigError(
+                f"tune.cpus_per_trial = {t.cpus_per_trial:g}: the Ray cluster has {cpus:g} CPUs"
+            )
+        fit = math.floor(cpus / t.cpus_per_trial + 1e-9)
+    return max(1, min(fit, t.num_samples))
+
+
+def build_tuner(cfg: Config, storage: Storage, name: str, concurrency: int) -> ray.tune.Tuner:
+    """A new Tuner for the sweep ``cfg``, writing to ``<storage>/<name>``."""
+    t = cfg.tune
+    experiment = storage.experiment(name)
+    metric, mode = cfg.objective.metric, cfg.objective.resolved_mode()
+    search_alg = OptunaSearch(
+        metric=metric,
+        mode=mode,
+        sampler=sampler(cfg),
+        study_name=name,
+        storage=study_storage(cfg, experiment),
+    )
+    scheduler = None
+    if t.scheduler == "asha":
+        scheduler = ray.tune.schedulers.ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=cfg.search.epochs,
+            grace_period=min(t.grace_period, cfg.search.epochs),
+            reduction_factor=t.reduction_factor,
+        )
+    return ray.tune.Tuner(
+        trainable(cfg),
+        param_space=param_space(cfg),
+        tune_config=ray.tune.TuneConfig(
+            metric=metric,
+            mode=mode,
+            search_alg=search_alg,
+            scheduler=scheduler,
+            num_samples=t.num_samples,
+            max_concurrent_trials=concurrency,
+            trial_dirname_creator=trial_dirname,
+        ),
+        run_config=ray.tune.RunConfig(
+            name=name,
+            storage_path=storage.uri,
+            failure_config=ray.tune.FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=t.checkpoints_to_keep),
+        ),
+    )
+
+
+def restore_tuner(cfg: Config, experiment: Storage) -> ray.tune.Tuner:
+    """Continue an interrupted sweep: unfinished and errored trials go on from checkpoints."""
+    return ray.tune.Tuner.restore(
+        experiment.uri, trainable(cfg), resume_unfinished=True, resume_errored=True
+    )
+
+
+def load_sweep_config(experiment: Storage) -> Config:
+    """The config a sweep started with (``sweep_config.yaml`` in its directory)."""
+    text = experiment.read_text(CONFIG_FILE)
+    return config_from_dict(yaml.safe_load(text), sweep=True)
+
+
+# --- results --------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    """One trial in the leaderboard."""
+
+    trial: str
+    status: str
+    params: dict[str, Any]
+    score: float | None
+    skip_count: int | None
+    genotype: Genotype | None
+    path: str
+
+
+def leaderboard(cfg: Config, results: ray.tune.ResultGrid) -> list[Row]:
+    """Trials ranked by the objective (best first); errored and unscored trials last."""
+    metric, mode = cfg.objective.metric, cfg.objective.resolved_mode()
+    rows = []
+    for result in results:
+        m = result.metrics or {}
+        config = result.config or {}
+        genotype = Genotype.from_json(m["genotype"]) if "genotype" in m else None
+        rows.append(
+            Row(
+                trial=str(m.get("trial_id") or result.path.rstrip("/").rsplit("/", 1)[-1]),
+                status="ERROR" if result.error else "OK",
+                params={k: config.get("search", {}).get(k) for k in cfg.space},
+                score=m.get(metric),
+                skip_count=m.get("skip_count"),
+                genotype=genotype,
+                path=result.path,
+            )
+        )
+    sign = 1 if mode == "min" else -1
+    rows.sort(key=lambda r: (r.score is None or r.status != "OK", sign * (r.score or 0.0)))
+    return rows
+
+
+def format_leaderboard(cfg: Config, rows: list[Row]) -> str:
+    """A plain-text table: trial, tuned parameters, objective, skip count, genotype summary."""
+    metric = cfg.objective.metric
+    header = ["rank", "trial", *cfg.space, metric, "skips", "status", "genotype"]
+    table = [header]
+    for i, r in enumerate(rows, 1):
+        params = [_fmt(r.params.get(k)) for k in cfg.space]
+        table.append(
+            [
+                str(i),
+                r.trial,
+                *params,
+                _fmt(r.score),
+                _fmt(r.skip_count),
+                r.status,
+                r.genotype.summary() if r.genotype else "-",
+            ]
+        )
+    widths = [max(len(row[c]) for row in table) for c in range(len(header) - 1)]
+    lines = [
+        "  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths, strict=True)) + "  " + row[-1]
+        for row in table
+    ]
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)

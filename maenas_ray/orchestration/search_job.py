@@ -1,0 +1,183 @@
+"""One sweep trial: a Ray Tune function that runs one MAE-DARTS search as a Ray Train job.
+
+``search_trial`` (the Tune trainable, a lightweight driver) starts a ``TorchTrainer`` on the
+trial's resources: one worker per GPU (data parallel when there are several), or one CPU
+worker. Rank 0 reports every epoch to Ray Train with a checkpoint of the whole search
+state; a Train callback hands each report to the driver, which reports it to Ray Tune with
+that checkpoint. The Train run lives in the trial directory (``<trial>/search``), so a
+restarted trial (Tune ``FailureConfig`` or ``--resume``) continues from its last
+checkpoint, and at the end rank 0 copies ``genotype.json`` and the pictures into the trial
+directory on the storage (local, NFS, s3:// or gs://).
+"""
+
+from __future__ import annotations
+
+import queue as std_queue
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs
+import ray.train
+import ray.tune
+import torch
+from ray.train.torch import TorchTrainer
+from ray.util.queue import Empty, Queue
+
+from maenas_ray.config import Config, config_from_dict
+from maenas_ray.engines import (
+    EpochReport,
+    SearchCallback,
+    load_search_state,
+    run_search,
+    save_search_state,
+)
+
+#: Sub-directory of a trial directory that holds its Ray Train run (checkpoints).
+TRAIN_RUN = "search"
+#: CPU the trial driver itself reserves; taken out of ``tune.cpus_per_trial``.
+DRIVER_CPU = 0.01
+#: Files every finished trial writes into its trial directory.
+ARTIFACTS = ("genotype.json", "reconstruction.png", "alphas.png", "cells.png")
+
+
+def worker_resources(cfg: Config) -> dict[str, float]:
+    """Resources of one Ray Train worker: the trial's share, minus the driver's CPU."""
+    workers = cfg.tune.workers()
+    resources = {"CPU": (cfg.tune.cpus_per_trial - DRIVER_CPU) / workers}
+    if cfg.tune.gpus_per_trial > 0:
+        resources["GPU"] = cfg.tune.gpus_per_trial / workers
+    return resources
+
+
+class _ReportToTrain(SearchCallback):
+    """Every rank reports each epoch; rank 0 attaches the checkpoint."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+
+    def on_epoch_end(self, report: EpochReport) -> None:
+        if self.rank != 0:
+            ray.train.report(report.metrics)
+            return
+        with tempfile.TemporaryDirectory(prefix="maenas-ckpt-") as tmp:
+            report.save_checkpoint(tmp)
+            ray.train.report(report.metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _upload(local_dir: Path, names: tuple[str, ...], fs: pyarrow.fs.FileSystem, dest: str) -> None:
+    for name in names:
+        source = local_dir / name
+        if source.is_file():
+            pyarrow.fs.copy_files(
+                str(source),
+                f"{dest}/{name}",
+                source_filesystem=pyarrow.fs.LocalFileSystem(),
+                destination_filesystem=fs,
+            )
+
+
+def search_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train worker loop: one (data-parallel share of a) search, resumed if possible."""
+    cfg = config_from_dict(loop_config["config"])
+    rank = ray.train.get_context().get_world_rank()
+    threads = max(1, round(worker_resources(cfg)["CPU"]))
+    torch.set_num_threads(threads)
+    if cfg.search.device != "cpu" and torch.cuda.is_available():
+        torch.cuda.set_device(ray.train.torch.get_device())
+    state = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            state = load_search_state(directory)
+    with tempfile.TemporaryDirectory(prefix="maenas-artifacts-") as out:
+        result = run_search(
+            cfg, _ReportToTrain(rank), resume_from=state, out_dir=out if rank == 0 else None
+        )
+        if state is not None and state["epoch"] >= cfg.search.epochs:
+            # The search had finished before the restart: report its result once more.
+            if rank == 0:
+                with tempfile.TemporaryDirectory(prefix="maenas-ckpt-") as tmp:
+                    save_search_state(state, tmp)
+                    ckpt = ray.train.Checkpoint.from_directory(tmp)
+                    ray.train.report(result.metrics, checkpoint=ckpt)
+            else:
+                ray.train.report(result.metrics)
+        if rank == 0:
+            _upload(Path(out), ARTIFACTS, loop_config["filesystem"], loop_config["trial_dir"])
+
+
+class _ForwardReports(ray.train.UserCallback):
+    """Runs in the Train controller: passes rank 0's metrics and checkpoint to the driver."""
+
+    def __init__(self, queue: Queue) -> None:
+        self.queue = queue
+
+    def after_report(self, run_context: Any, metrics: list[dict], checkpoint: Any) -> None:
+        self.queue.put((metrics[0], checkpoint))
+
+
+def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with the (nested) keys of ``update`` set."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def search_trial(params: dict[str, Any], base: dict[str, Any]) -> None:
+    """Ray Tune trainable: the sweep's ``base`` config with this trial's tuned ``params``
+    (e.g. ``{"search": {"mask_ratio": 0.6}}``), searched as a Ray Train job."""
+    config = merge(base, params)
+    cfg = config_from_dict(config)
+    storage = ray.tune.get_context().get_storage()
+    trial_dir, fs = storage.trial_fs_path, storage.storage_filesystem
+    queue = Queue(actor_options={"num_cpus": 0})
+    tune_checkpoint = ray.tune.get_checkpoint()
+    resume = None
+    if tune_checkpoint is not None:
+        resume = ray.train.Checkpoint(tune_checkpoint.path, tune_checkpoint.filesystem)
+    trainer = TorchTrainer(
+        search_worker,
+        train_loop_config={"config": config, "trial_dir": trial_dir, "filesystem": fs},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.tune.workers(),
+            use_gpu=cfg.tune.gpus_per_trial > 0,
+            resources_per_worker=worker_resources(cfg),
+        ),
+        run_config=ray.train.RunConfig(
+            name=TRAIN_RUN,
+            storage_path=trial_dir,
+            storage_filesystem=fs,
+            callbacks=[_ForwardReports(queue)],
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.tune.checkpoints_to_keep),
+            # a failed Train run fails the trial; Tune's FailureConfig restarts it
+            failure_config=ray.train.FailureConfig(max_failures=0),
+        ),
+        resume_from_checkpoint=resume,
+    )
+    errors: std_queue.Queue[BaseException] = std_queue.Queue()
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        except BaseException as err:  # re-raised in the trial below
+            errors.put(err)
+
+    thread = threading.Thread(target=fit, name="search-train-job", daemon=True)
+    thread.start()
+    while thread.is_alive() or not queue.empty():
+        try:
+            metrics, checkpoint = queue.get(timeout=1.0)
+        except Empty:
+            continue
+        if checkpoint is not None:
+            checkpoint = ray.tune.Checkpoint(checkpoint.path, checkpoint.filesystem)
+        ray.tune.report(metrics, checkpoint=checkpoint)
+    thread.join()
+    if not errors.empty():
+        raise errors.get()

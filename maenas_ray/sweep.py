@@ -1,0 +1,199 @@
+"""``python -m maenas_ray.sweep``: MAE-DARTS searches as Ray Tune trials, tuned by Optuna.
+
+Every trial is one full search (a Ray Train job on the trial's GPUs or CPUs) that reports
+each epoch to Ray Tune with a checkpoint; an Optuna sampler picks each trial's ``space``
+values (mask ratio, patch size, decoder depth, ...) from the scores so far. Without
+``--config`` the quickstart runs (synthetic data, tiny supernet, CPU, a few minutes).
+The config is checked, and the storage path tried, before Ray starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from maenas_ray.config import Config, ConfigError, load_config
+
+QUICKSTART = Path(__file__).resolve().parent.parent / "tune_configs" / "quickstart.yaml"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m maenas_ray.sweep", description=__doc__)
+    p.add_argument("--config", type=Path, help=f"sweep YAML (default: {QUICKSTART.name})")
+    p.add_argument("--storage-path", help="a directory, s3://... or gs://... (storage_path)")
+    p.add_argument("--name", help="experiment name, a directory under the storage path (name)")
+    p.add_argument("--num-samples", type=int, help="number of trials (tune.num_samples)")
+    p.add_argument(
+        "--resume", action="store_true",
+        help="continue the experiment --name (default: the newest one of this config) "
+        "with the config it started with",
+    )  # fmt: skip
+    p.add_argument("--address", help="connect to a running Ray cluster (e.g. auto)")
+    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray started without --address")
+    p.add_argument("--no-dashboard", action="store_true", help="local Ray without the dashboard")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config key, e.g. --set tune.num_samples=16 (repeatable)",
+    )  # fmt: skip
+    return p
+
+
+class UsageError(ValueError):
+    """A command-line or config problem found before Ray starts."""
+
+
+def _fresh(args: argparse.Namespace):  # -> (Config, Storage, name)
+    from maenas_ray.orchestration.experiment import check_writable, prepare, resolve_storage
+
+    overrides = list(args.overrides)
+    if args.storage_path is not None:
+        overrides.append(f"storage_path={args.storage_path}")
+    if args.name is not None:
+        overrides.append(f"name={args.name}")
+    if args.num_samples is not None:
+        overrides.append(f"tune.num_samples={args.num_samples}")
+    path = args.config or QUICKSTART
+    cfg = prepare(load_config(path, overrides, sweep=True))
+    name = cfg.name or f"{Path(path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    storage = resolve_storage(cfg.storage_path)
+    check_writable(storage)
+    experiment = storage.experiment(name)
+    if experiment.exists():
+        raise UsageError(
+            f"experiment {experiment.uri} already exists; pass --resume to continue it "
+            "or choose another --name"
+        )
+    return cfg, storage, name
+
+
+def _resumed(args: argparse.Namespace):  # -> (Config, Storage, name)
+    from maenas_ray.orchestration.experiment import (
+        CONFIG_FILE,
+        check_writable,
+        load_sweep_config,
+        resolve_storage,
+    )
+
+    if args.overrides or args.num_samples is not None:
+        raise UsageError(
+            "--resume continues with the config the experiment started with "
+            f"({CONFIG_FILE}); drop --set and --num-samples"
+        )
+    base: Config | None = None
+    path = args.config or QUICKSTART
+    storage_path = args.storage_path
+    name = args.name
+    if storage_path is None or name is None:
+        base = load_config(path)
+        storage_path = storage_path or base.storage_path
+        name = name or base.name
+    storage = resolve_storage(storage_path)
+    if name is None:
+        name = _newest(storage, f"{Path(path).stem}-")
+    experiment = storage.experiment(name)
+    if not experiment.exists(CONFIG_FILE):
+        raise UsageError(f"--resume: {experiment.uri} holds no sweep experiment ({CONFIG_FILE})")
+    check_writable(experiment, "--resume")
+    return load_sweep_config(experiment), storage, name
+
+
+def _newest(storage, prefix: str) -> str:
+    import pyarrow.fs
+
+    from maenas_ray.orchestration.experiment import CONFIG_FILE
+
+    found = []
+    if storage.exists():
+        for info in storage.fs.get_file_info(pyarrow.fs.FileSelector(storage.path)):
+            if (
+                info.type == pyarrow.fs.FileType.Directory
+                and info.base_name.startswith(prefix)
+                and storage.exists(info.base_name, CONFIG_FILE)
+            ):
+                found.append(info.base_name)
+    if not found:
+        raise UsageError(
+            f"--resume: no experiment named {prefix}* under {storage.uri}; pass --name"
+        )
+    return max(found)  # names end in the start time: the newest sorts last
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        # Everything that can be checked is checked before Ray starts.
+        from maenas_ray.orchestration.experiment import StorageError
+
+        try:
+            cfg, storage, name = _resumed(args) if args.resume else _fresh(args)
+        except StorageError as err:
+            raise UsageError(str(err)) from None
+    except (ConfigError, UsageError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return _run(args, cfg, storage, name)
+
+
+def _run(args: argparse.Namespace, cfg: Config, storage, name: str) -> int:
+    import ray
+
+    from maenas_ray.orchestration import experiment as ex
+
+    exp = storage.experiment(name)
+    if args.address:
+        ray.init(address=args.address)
+        print(f"connected to the Ray cluster at {args.address}", flush=True)
+    else:
+        context = ray.init(
+            num_cpus=args.num_cpus,
+            include_dashboard=not args.no_dashboard,
+            dashboard_host="127.0.0.1",
+        )
+        if context.dashboard_url:
+            print(f"Ray dashboard: http://{context.dashboard_url}", flush=True)
+    try:
+        if args.resume:
+            print(f"resuming {exp.uri}", flush=True)
+            tuner = ex.restore_tuner(cfg, exp)
+        else:
+            concurrency = ex.max_concurrent(cfg, ray.cluster_resources())
+            exp.fs.create_dir(exp.path, recursive=True)
+            exp.write_text(
+                yaml.safe_dump({**cfg.to_dict(), "name": name}, sort_keys=False), ex.CONFIG_FILE
+            )
+            print(
+                f"sweep {name}: {cfg.tune.num_samples} trials, at most {concurrency} at once, "
+                f"objective {cfg.objective.metric} ({cfg.objective.resolved_mode()}) -> {exp.uri}",
+                flush=True,
+            )
+            tuner = ex.build_tuner(cfg, storage, name, concurrency)
+        results = tuner.fit()
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        if not args.address:
+            ray.shutdown()
+    rows = ex.leaderboard(cfg, results)
+    print()
+    print(ex.format_leaderboard(cfg, rows))
+    best = next((r for r in rows if r.status == "OK" and r.genotype is not None), None)
+    if best is not None:
+        print(f"\nbest genotype ({cfg.objective.metric} = {best.score:.4g}, trial {best.trial}):")
+        print(repr(best.genotype))
+    print(f"\nexperiment: {exp.uri}  (trial directories hold genotype.json and pictures)")
+    if exp.is_local and cfg.tune.study_storage is None:
+        print(f"Optuna study: optuna-dashboard {exp.join(ex.STUDY_JOURNAL)}")
+    errored = [r.trial for r in rows if r.status != "OK"]
+    if errored:
+        print(f"{len(errored)} trial(s) failed: {', '.join(errored)}; see their error.txt")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
