@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import re
 import types
 import typing
@@ -184,8 +185,9 @@ class TuneSection:
     gpus_per_trial: float = 0.0
     #: Ray Train workers per trial (data parallel); null = one per GPU, at least one
     num_workers: int | None = None
-    #: Optuna sampler of the outer loop
-    sampler: Literal["tpe", "random", "qmc", "gp"] = "tpe"
+    #: Optuna sampler of the outer loop; grid runs every combination of the space's
+    #: choices once (num_samples = the number of combinations)
+    sampler: Literal["tpe", "random", "qmc", "gp", "grid"] = "tpe"
     #: fifo runs every trial to the end; asha stops poor trials early (per epoch)
     scheduler: Literal["fifo", "asha"] = "fifo"
     #: asha: epochs before a trial may be stopped, and the halving rate
@@ -303,6 +305,17 @@ class Config:
         if not self.space:
             _fail("space", self.space, "name at least one search key to tune")
         self._check_space()
+        if self.tune.sampler == "grid":
+            ranges = [k for k, spec in self.space.items() if spec.choice is None]
+            if ranges:
+                _fail("tune.sampler", "grid", f"needs choice lists in space, not ranges ({ranges})")
+            points = math.prod(len(spec.choice or ()) for spec in self.space.values())
+            if self.tune.num_samples != points:
+                _fail(
+                    "tune.num_samples",
+                    self.tune.num_samples,
+                    f"the grid of the space has {points} points; run each once",
+                )
 
     def _check_space(self) -> None:
         """Every tuned key exists, its spec fits its type, and the extremes are valid."""

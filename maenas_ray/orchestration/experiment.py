@@ -148,6 +148,9 @@ def sampler(cfg: Config) -> optuna.samplers.BaseSampler:
         return optuna.samplers.QMCSampler(seed=t.seed)
     if t.sampler == "gp":
         return optuna.samplers.GPSampler(seed=t.seed)
+    if t.sampler == "grid":  # Config.check_sweep: choices only, num_samples = grid size
+        grid = {f"search/{key}": list(spec.choice or ()) for key, spec in cfg.space.items()}
+        return optuna.samplers.GridSampler(grid, seed=t.seed)
     return optuna.samplers.TPESampler(seed=t.seed)
 
 
@@ -216,7 +219,7 @@ def build_tuner(cfg: Config, storage: Storage, name: str, concurrency: int) -> r
     scheduler = None
     if t.scheduler == "asha":
         scheduler = ray.tune.schedulers.ASHAScheduler(
-            time_attr="training_iteration",
+            time_attr="epoch",
             max_t=cfg.search.epochs,
             grace_period=min(t.grace_period, cfg.search.epochs),
             reduction_factor=t.reduction_factor,

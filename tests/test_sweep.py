@@ -1,0 +1,330 @@
+"""The sweep: config checks before Ray starts, Tune/Optuna wiring, real Ray sweeps, resume."""
+
+import glob
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import ray
+import ray.tune
+import torch
+import yaml
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+
+from maenas_ray.config import ConfigError, load_config
+from maenas_ray.engines import load_search_state
+from maenas_ray.orchestration import experiment as ex
+from maenas_ray.orchestration.search_job import merge, worker_resources
+from maenas_ray.space import Genotype
+from maenas_ray.sweep import QUICKSTART, main
+
+REPO = Path(__file__).resolve().parent.parent
+
+TINY = {
+    "data": {"dataset": "synthetic", "num_images": 64, "image_size": 16},
+    "search": {
+        "channels": 4, "layers": 3, "batch_size": 8, "epochs": 2, "steps_per_epoch": 2,
+        "patch_size": 4, "eval_images": 16, "decoder_width": 8, "device": "cpu",
+    },
+    "space": {
+        "mask_ratio": {"low": 0.3, "high": 0.7},
+        "patch_size": {"choice": [4, 8]},
+        "decoder_depth": {"low": 1, "high": 2},
+    },
+    "tune": {"num_samples": 3, "cpus_per_trial": 1, "seed": 1},
+}  # fmt: skip
+
+
+def write_config(tmp_path, **sections):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(merge(TINY, sections)))
+    return path
+
+
+# --- config and wiring, no Ray --------------------------------------------------------
+
+
+def test_shipped_sweep_configs_are_valid():
+    names = {p.name for p in (REPO / "tune_configs").glob("*.yaml")}
+    assert {"quickstart.yaml", "cifar10.yaml", "imagenet.yaml", "ablation_decoder.yaml"} <= names
+    quick = load_config(QUICKSTART, sweep=True)
+    assert quick.tune.num_samples == 4 and quick.tune.gpus_per_trial == 0
+    assert quick.data.dataset == "synthetic"
+    cifar = load_config(REPO / "tune_configs" / "cifar10.yaml", sweep=True)
+    s = cifar.search  # DESIGN §1.4 defaults, one GPU per trial
+    assert (s.channels, s.layers, s.epochs, s.batch_size, s.lr, s.arch_lr) == (
+        16, 8, 50, 64, 0.025, 3e-4,
+    )  # fmt: skip
+    assert cifar.data.dataset == "cifar10" and cifar.tune.gpus_per_trial == 1
+    assert {"mask_ratio", "patch_size", "decoder_depth"} <= set(cifar.space)
+    imagenet_yaml = REPO / "tune_configs" / "imagenet.yaml"
+    imagenet = load_config(imagenet_yaml, [f"data.root={REPO}"], sweep=True)
+    assert imagenet.data.dataset == "imagefolder" and imagenet.data.image_size == 224
+    assert imagenet.search.stem == "imagenet"
+    ablation = load_config(REPO / "tune_configs" / "ablation_decoder.yaml", sweep=True)
+    assert ablation.space["decoder"].choice == ["hierarchical", "plain"]
+    assert "mask_ratio" in ablation.space
+
+
+def test_search_domains_cover_the_configured_ranges(tmp_path):
+    cfg = load_config(write_config(tmp_path), sweep=True)
+    space = ex.param_space(cfg)["search"]
+    assert (space["mask_ratio"].lower, space["mask_ratio"].upper) == (0.3, 0.7)
+    assert space["patch_size"].categories == [4, 8]
+    assert (space["decoder_depth"].lower, space["decoder_depth"].upper) == (1, 3)  # exclusive
+    step = ex.search_domain("decoder_depth", ex.ParamSpec(low=1, high=5, step=2))
+    assert (step.lower, step.upper) == (1, 5)  # qrandint: inclusive
+    log = ex.search_domain("lr", ex.ParamSpec(low=1e-3, high=1e-1, log=True))
+    assert all(1e-3 <= log.sample() <= 1e-1 for _ in range(50))
+    q = ex.search_domain("mask_ratio", ex.ParamSpec(low=0.3, high=0.8, step=0.05))
+    assert all(abs(v / 0.05 - round(v / 0.05)) < 1e-6 for v in (q.sample() for _ in range(50)))
+
+
+def test_prepare_pins_the_reference_masks_and_trials_merge_into_the_base():
+    cfg = ex.prepare(load_config(None, ["search.mask_ratio=0.6", "search.patch_size=8"]))
+    assert (cfg.search.eval_mask_ratio, cfg.search.eval_patch_size) == (0.6, 8)
+    kept = ex.prepare(load_config(None, ["search.eval_mask_ratio=0.4"]))
+    assert kept.search.eval_mask_ratio == 0.4
+    base = cfg.to_dict()
+    trial = merge(base, {"search": {"mask_ratio": 0.3}})
+    assert trial["search"]["mask_ratio"] == 0.3 and trial["search"]["eval_mask_ratio"] == 0.6
+    assert base["search"]["mask_ratio"] == 0.6  # the base is not modified
+
+
+def test_max_concurrent_trials_follows_the_cluster():
+    gpu = load_config(None, ["tune.gpus_per_trial=2", "tune.num_samples=32"], sweep=True)
+    assert ex.max_concurrent(gpu, {"CPU": 64, "GPU": 32}) == 16
+    assert ex.max_concurrent(gpu, {"CPU": 64, "GPU": 3}) == 1
+    cpu = load_config(None, ["tune.cpus_per_trial=2", "tune.num_samples=3"], sweep=True)
+    assert ex.max_concurrent(cpu, {"CPU": 16}) == 3  # never more than num_samples
+    assert ex.max_concurrent(cpu, {"CPU": 5}) == 2
+    fixed = load_config(None, ["tune.max_concurrent_trials=5"], sweep=True)
+    assert ex.max_concurrent(fixed, {"CPU": 1}) == 5
+    with pytest.raises(ConfigError, match=r"tune.gpus_per_trial = 2: the Ray cluster has 0 GPUs"):
+        ex.max_concurrent(gpu, {"CPU": 8})
+
+
+def test_trial_resources_are_split_over_its_workers():
+    cfg = load_config(None, ["tune.gpus_per_trial=4", "tune.cpus_per_trial=8"], sweep=True)
+    assert cfg.tune.workers() == 4
+    res = worker_resources(cfg)
+    assert res["GPU"] == 1 and abs(4 * res["CPU"] + 0.01 - 8) < 1e-9  # + the driver's CPU
+    half = load_config(None, ["tune.gpus_per_trial=0.5"], sweep=True)
+    assert half.tune.workers() == 1 and worker_resources(half)["GPU"] == 0.5
+    assert "GPU" not in worker_resources(load_config(None, sweep=True))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--set", "search.mask_rate=0.5"], r"unknown key 'search.mask_rate'"),
+        (["--set", "space.mask_ratio.high=1.5"],
+         r"space: the trial point .*mask_ratio=1.5.* is invalid: "
+         r"search.mask_ratio = 1.5: must be in \(0, 1\)"),
+        (["--set", "space.patch_size.choice=[3, 4]"],
+         r"space: the trial point .*patch_size=3 is invalid: "
+         r"search.patch_size = 3: must divide data.image_size \(16\)"),
+        (["--set", "space.mask_ration.low=0.1", "--set", "space.mask_ration.high=0.2"],
+         r"space.mask_ration: not a search key"),
+        (["--set", "space.decoder_depth.low=1.5"],
+         r"space.decoder_depth.low = 1.5: search.decoder_depth is an integer"),
+        (["--set", "space.mask_ratio.low=0.9"], r"space.mask_ratio.low = 0.9: must be below high"),
+        (["--set", "space.decoder={low: 1, high: 2}"], r"space.decoder = .*takes choice only"),
+        (["--set", "space.lr={low: 0, high: 0.1, log: true}"],
+         r"space.lr.low = 0.0: must be > 0 with log: true"),
+        (["--set", "space={}"], r"space = \{\}: name at least one search key"),
+        (["--set", "objective.metric=accuracy"], r"objective.metric = 'accuracy': allowed: eval"),
+        (["--set", "objective.mode=up"], r"objective.mode = 'up': expected one of 'min', 'max'"),
+        (["--num-samples", "0"], r"tune.num_samples = 0: must be a positive integer"),
+        (["--set", "tune.gpus_per_trial=1.5"], r"tune.gpus_per_trial = 1.5: must be 0, a fraction"),
+        (["--set", "tune.num_workers=3"],
+         r"search.batch_size = 8: must be divisible by the 3 Ray Train workers"),
+        (["--set", "tune.sampler=cmaes"], r"tune.sampler = 'cmaes': expected one of 'tpe'"),
+        (["--set", "tune.sampler=grid"], r"tune.sampler = 'grid': needs choice lists in space"),
+        (["--set", "tune.sampler=grid", "--set", "space={patch_size: {choice: [4, 8]}}"],
+         r"tune.num_samples = 3: the grid of the space has 2 points"),
+        (["--name", "a/b"], r"name = 'a/b': letters, digits"),
+        (["--resume"], r"--resume: .* holds no sweep experiment"),
+        (["--resume", "--set", "tune.seed=2"], r"--resume continues with the config"),
+    ],
+)  # fmt: skip
+def test_bad_input_fails_before_ray_starts(tmp_path, capsys, args, message):
+    config = write_config(tmp_path)
+    store = tmp_path / "store"
+    rc = main(["--config", str(config), "--storage-path", str(store), "--name", "x", *args])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert re.search(message, err), err
+    assert not ray.is_initialized()
+    assert not (store / "x").exists() and not (store / "a").exists()
+
+
+def test_unwritable_storage_and_existing_experiment_are_refused(tmp_path, capsys):
+    config = write_config(tmp_path)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    rc = main(["--config", str(config), "--storage-path", str(blocker / "sub")])
+    assert rc == 2
+    assert "storage_path = " in capsys.readouterr().err
+    (tmp_path / "store" / "taken").mkdir(parents=True)
+    store = str(tmp_path / "store")
+    rc = main(["--config", str(config), "--storage-path", store, "--name", "taken"])
+    assert rc == 2
+    assert "already exists; pass --resume" in capsys.readouterr().err
+    assert not ray.is_initialized()
+
+
+def test_storage_uris_resolve_through_pyarrow(tmp_path):
+    local = ex.resolve_storage("~/somewhere")
+    assert local.is_local and local.uri == os.path.expanduser("~/somewhere")
+    uri = ex.resolve_storage(f"file://{tmp_path}/store")
+    assert uri.path == f"{tmp_path}/store" and uri.experiment("e").path == f"{tmp_path}/store/e"
+    ex.check_writable(uri)
+    assert (tmp_path / "store").is_dir() and not list((tmp_path / "store").iterdir())
+    with pytest.raises(ex.StorageError, match=r"storage_path = 'nope://x': not a usable URI"):
+        ex.resolve_storage("nope://x")
+
+
+# --- real Ray ---------------------------------------------------------------------------
+
+
+def _trial_dirs(experiment: Path) -> list[Path]:
+    return sorted(experiment.glob("trial_*"))
+
+
+def _study(experiment: Path, name: str) -> optuna.Study:
+    backend = JournalFileBackend(str(experiment / ex.STUDY_JOURNAL))
+    return optuna.load_study(study_name=name, storage=JournalStorage(backend))
+
+
+def _results(experiment: Path) -> ray.tune.ResultGrid:
+    cfg = ex.load_sweep_config(ex.resolve_storage(str(experiment)))
+    return ray.tune.Tuner.restore(str(experiment), ex.trainable(cfg)).get_results()
+
+
+def test_sweep_runs_trials_that_open_with_tune_and_optuna(tmp_path, capsys):
+    config = write_config(tmp_path)
+    store = tmp_path / "store"
+    rc = main(["--config", str(config), "--storage-path", str(store), "--name", "it",
+               "--num-cpus", "2", "--no-dashboard"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    experiment = store / "it"
+    results = _results(experiment)
+    assert len(results) == 3 and not results.errors
+    study = _study(experiment, "it")
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 3
+    assert sorted(t.value for t in study.trials) == sorted(r.metrics["eval_loss"] for r in results)
+    for result in results:
+        trial = Path(result.path)
+        assert trial.parent == experiment and trial.name.startswith("trial_")
+        on_disk = Genotype.from_json((trial / "genotype.json").read_text())
+        assert on_disk == Genotype.from_json(result.metrics["genotype"])
+        for picture in ("reconstruction.png", "alphas.png", "cells.png"):
+            assert (trial / picture).stat().st_size > 0
+        assert result.metrics["epoch"] == 2 and result.checkpoint is not None
+        assert set(result.config["search"]) == {"mask_ratio", "patch_size", "decoder_depth"}
+        assert result.config["search"]["patch_size"] in (4, 8)
+        assert 0.3 <= result.config["search"]["mask_ratio"] <= 0.7
+        # every trial evaluates with the same reference masks, whatever it searched with
+        saved = load_search_state(Path(result.checkpoint.path))
+        assert saved["config"]["search"]["eval_mask_ratio"] == 0.5
+        assert saved["config"]["search"]["eval_patch_size"] == 4
+    best = results.get_best_result(metric="eval_loss", mode="min")
+    best_genotype = Genotype.from_json(best.metrics["genotype"])
+    assert f"best genotype (eval_loss = {best.metrics['eval_loss']:.4g}" in out
+    assert repr(best_genotype) in out
+    first_row = out.split("rank  trial")[1].splitlines()[1]
+    assert first_row.startswith("1 ") and Path(best.path).name.removeprefix("trial_") in first_row
+    saved = yaml.safe_load((experiment / ex.CONFIG_FILE).read_text())
+    assert saved["name"] == "it" and saved["tune"]["num_samples"] == 3
+
+
+def test_a_trial_runs_data_parallel_over_two_workers(tmp_path, capsys):
+    config = write_config(tmp_path, tune={"num_samples": 1, "num_workers": 2, "cpus_per_trial": 2})
+    store = tmp_path / "store"
+    rc = main(["--config", str(config), "--storage-path", str(store), "--name", "dp",
+               "--num-cpus", "2", "--no-dashboard"])  # fmt: skip
+    assert rc == 0, capsys.readouterr().out
+    (result,) = _results(store / "dp")
+    assert result.metrics["epoch"] == 2 and not result.error
+    state = load_search_state(Path(result.checkpoint.path))
+    assert state["epoch"] == 2 and torch.isfinite(state["model"]["encoder.alphas_normal"]).all()
+
+
+def _sweep_command(config, store, *extra):
+    return [sys.executable, "-m", "maenas_ray.sweep", "--config", str(config),
+            "--storage-path", str(store), "--name", "killed", "--num-cpus", "2",
+            "--no-dashboard", *extra]  # fmt: skip
+
+
+def test_a_killed_sweep_resumes_without_rerunning_finished_epochs(tmp_path):
+    config = write_config(
+        tmp_path, search={"epochs": 3}, tune={"num_samples": 3, "checkpoints_to_keep": 10}
+    )
+    store = tmp_path / "store"
+    experiment = store / "killed"
+    log = open(tmp_path / "first.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        _sweep_command(config, store), stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True, cwd=tmp_path,
+    )  # fmt: skip
+    deadline = time.monotonic() + 300
+    pattern = str(experiment / "trial_*" / "search" / "checkpoint_*" / "search_state.pt")
+    while not glob.glob(pattern):
+        assert proc.poll() is None, (tmp_path / "first.log").read_text()
+        assert time.monotonic() < deadline, "no checkpoint within 5 minutes"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started
+    proc.wait()
+    log.close()
+    before = {p: os.stat(p).st_mtime_ns for p in glob.glob(pattern)}
+    assert before
+
+    resumed = subprocess.run(
+        _sweep_command(config, store, "--resume"), capture_output=True, text=True,
+        cwd=tmp_path, timeout=600,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"resuming {experiment}" in resumed.stdout
+    results = _results(experiment)
+    assert len(results) == 3 and not results.errors
+    assert all(r.metrics["epoch"] == 3 for r in results)
+    assert len(_trial_dirs(experiment)) == 3
+    study = _study(experiment, "killed")
+    assert len(study.trials) == 3
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    for trial in _trial_dirs(experiment):
+        epochs = sorted(
+            load_search_state(Path(p).parent)["epoch"]
+            for p in glob.glob(str(trial / "search" / "checkpoint_*" / "search_state.pt"))
+        )
+        assert epochs == [1, 2, 3], (trial, epochs)  # each epoch computed exactly once
+    for path, mtime in before.items():  # checkpoints from before the kill were kept as is
+        assert os.stat(path).st_mtime_ns == mtime
+
+
+@pytest.mark.slow
+def test_quickstart_runs_with_no_arguments(tmp_path):
+    env = {**os.environ, "HOME": str(tmp_path)}
+    start = time.monotonic()
+    run = subprocess.run(
+        [sys.executable, "-m", "maenas_ray.sweep"], capture_output=True, text=True,
+        cwd=tmp_path, env=env, timeout=900,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert time.monotonic() - start < 600
+    assert "best genotype" in run.stdout and "Genotype(normal=[" in run.stdout
+    (experiment,) = (tmp_path / "maenas_ray_results").glob("quickstart-*")
+    assert len(_trial_dirs(experiment)) == 4
+    genotypes = [json.loads((t / "genotype.json").read_text()) for t in _trial_dirs(experiment)]
+    assert all(Genotype.from_dict(g) for g in genotypes)
