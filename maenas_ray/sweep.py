@@ -144,17 +144,22 @@ def _run(args: argparse.Namespace, cfg: Config, storage, name: str) -> int:
     from maenas_ray.orchestration import experiment as ex
 
     exp = storage.experiment(name)
-    if args.address:
-        ray.init(address=args.address)
-        print(f"connected to the Ray cluster at {args.address}", flush=True)
-    else:
-        context = ray.init(
-            num_cpus=args.num_cpus,
-            include_dashboard=not args.no_dashboard,
-            dashboard_host="127.0.0.1",
-        )
-        if context.dashboard_url:
-            print(f"Ray dashboard: http://{context.dashboard_url}", flush=True)
+    try:
+        if args.address:
+            context = ray.init(address=args.address)
+            print(f"connected to the Ray cluster at {args.address}", flush=True)
+        else:  # the dashboard listens on this machine only (ray dashboard / ssh -L to share)
+            context = ray.init(
+                num_cpus=args.num_cpus,
+                include_dashboard=not args.no_dashboard,
+                dashboard_host="127.0.0.1",
+            )
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        where = f"the Ray cluster at --address {args.address}" if args.address else "a local Ray"
+        print(f"error: cannot start or reach {where}: {err}", file=sys.stderr)
+        return 2
+    if context.dashboard_url:
+        print(f"Ray dashboard: http://{context.dashboard_url}", flush=True)
     try:
         if args.resume:
             print(f"resuming {exp.uri}", flush=True)
@@ -181,14 +186,14 @@ def _run(args: argparse.Namespace, cfg: Config, storage, name: str) -> int:
     rows = ex.leaderboard(cfg, results)
     print()
     print(ex.format_leaderboard(cfg, rows))
-    best = next((r for r in rows if r.status == "OK" and r.genotype is not None), None)
+    best = next((r for r in rows if r.status != "ERROR" and r.genotype is not None), None)
     if best is not None:
         print(f"\nbest genotype ({cfg.objective.metric} = {best.score:.4g}, trial {best.trial}):")
         print(repr(best.genotype))
     print(f"\nexperiment: {exp.uri}  (trial directories hold genotype.json and pictures)")
     if exp.is_local and cfg.tune.study_storage is None:
         print(f"Optuna study: optuna-dashboard {exp.join(ex.STUDY_JOURNAL)}")
-    errored = [r.trial for r in rows if r.status != "OK"]
+    errored = [r.trial for r in rows if r.status == "ERROR"]
     if errored:
         print(f"{len(errored)} trial(s) failed: {', '.join(errored)}; see their error.txt")
         return 1

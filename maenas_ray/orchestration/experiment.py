@@ -275,17 +275,25 @@ class Row:
 
 
 def leaderboard(cfg: Config, results: ray.tune.ResultGrid) -> list[Row]:
-    """Trials ranked by the objective (best first); errored and unscored trials last."""
+    """Trials ranked by their last objective value, best first (as Ray Tune's
+    ``get_best_result``); errored and unscored trials last."""
     metric, mode = cfg.objective.metric, cfg.objective.resolved_mode()
     rows = []
     for result in results:
         m = result.metrics or {}
         config = result.config or {}
         genotype = Genotype.from_json(m["genotype"]) if "genotype" in m else None
+        epochs = config.get("search", {}).get("epochs", cfg.search.epochs)
+        if result.error:
+            status = "ERROR"
+        elif m.get("epoch") == epochs:
+            status = "done"
+        else:  # stopped early by the scheduler, or interrupted
+            status = f"stopped@{m.get('epoch', 0)}"
         rows.append(
             Row(
                 trial=str(m.get("trial_id") or result.path.rstrip("/").rsplit("/", 1)[-1]),
-                status="ERROR" if result.error else "OK",
+                status=status,
                 params={k: config.get("search", {}).get(k) for k in cfg.space},
                 score=m.get(metric),
                 skip_count=m.get("skip_count"),
@@ -294,7 +302,7 @@ def leaderboard(cfg: Config, results: ray.tune.ResultGrid) -> list[Row]:
             )
         )
     sign = 1 if mode == "min" else -1
-    rows.sort(key=lambda r: (r.score is None or r.status != "OK", sign * (r.score or 0.0)))
+    rows.sort(key=lambda r: (r.score is None or r.status == "ERROR", sign * (r.score or 0.0)))
     return rows
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import queue as std_queue
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from ray.util.queue import Empty, Queue
 
 from maenas_ray.config import Config, config_from_dict
 from maenas_ray.engines import (
+    CHECKPOINT_FILE,
     EpochReport,
     SearchCallback,
     load_search_state,
@@ -78,6 +80,39 @@ def _upload(local_dir: Path, names: tuple[str, ...], fs: pyarrow.fs.FileSystem, 
             )
 
 
+def latest_search_state(
+    fs: pyarrow.fs.FileSystem, run_dir: str
+) -> tuple[dict[str, Any], str] | None:
+    """The newest readable search checkpoint of a Train run directory, and its path.
+
+    Scans the checkpoint directories on the storage itself rather than trusting only Ray
+    Train's registry, so a checkpoint that was written just before a crash (but not yet
+    registered) is not lost, and a truncated or corrupt newest one falls back to the one
+    before it (with a warning naming the file).
+    """
+    selector = pyarrow.fs.FileSelector(run_dir, allow_not_found=True)
+    infos = fs.get_file_info(selector)
+    dirs = [i.base_name for i in infos if i.type == pyarrow.fs.FileType.Directory]
+    names = sorted(dirs, reverse=True)  # checkpoint_<date>_<time>: the newest first
+    for name in names:
+        if not name.startswith("checkpoint_"):
+            continue
+        path = f"{run_dir}/{name}/{CHECKPOINT_FILE}"
+        if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
+            continue
+        with tempfile.TemporaryDirectory(prefix="maenas-load-") as tmp:
+            local = Path(tmp) / CHECKPOINT_FILE
+            try:
+                pyarrow.fs.copy_files(
+                    path, str(local), source_filesystem=fs,
+                    destination_filesystem=pyarrow.fs.LocalFileSystem(),
+                )  # fmt: skip
+                return load_search_state(local), path
+            except (OSError, ValueError) as err:
+                warnings.warn(f"skipping search checkpoint {path}: {err}", stacklevel=2)
+    return None
+
+
 def search_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train worker loop: one (data-parallel share of a) search, resumed if possible."""
     cfg = config_from_dict(loop_config["config"])
@@ -86,9 +121,13 @@ def search_worker(loop_config: dict[str, Any]) -> None:
     torch.set_num_threads(threads)
     if cfg.search.device != "cpu" and torch.cuda.is_available():
         torch.cuda.set_device(ray.train.torch.get_device())
+    fs, trial_dir = loop_config["filesystem"], loop_config["trial_dir"]
     state = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
+    found = latest_search_state(fs, f"{trial_dir}/{TRAIN_RUN}")
+    if found is not None:
+        state, path = found
+        print(f"resuming the search from epoch {state['epoch']} ({path})", flush=True)
+    elif (checkpoint := ray.train.get_checkpoint()) is not None:  # e.g. Tune's copy
         with checkpoint.as_directory() as directory:
             state = load_search_state(directory)
     with tempfile.TemporaryDirectory(prefix="maenas-artifacts-") as out:
@@ -105,7 +144,7 @@ def search_worker(loop_config: dict[str, Any]) -> None:
             else:
                 ray.train.report(result.metrics)
         if rank == 0:
-            _upload(Path(out), ARTIFACTS, loop_config["filesystem"], loop_config["trial_dir"])
+            _upload(Path(out), ARTIFACTS, fs, trial_dir)
 
 
 class _ForwardReports(ray.train.UserCallback):
@@ -157,6 +196,8 @@ def search_trial(params: dict[str, Any], base: dict[str, Any]) -> None:
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.tune.checkpoints_to_keep),
             # a failed Train run fails the trial; Tune's FailureConfig restarts it
             failure_config=ray.train.FailureConfig(max_failures=0),
+            # progress is Tune's table; Train's per-report INFO lines would repeat it
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
         resume_from_checkpoint=resume,
     )
