@@ -20,10 +20,10 @@ import yaml
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 
-from maenas_ray.config import ConfigError, load_config
-from maenas_ray.engines import load_search_state
+from maenas_ray.config import ConfigError, config_from_dict, load_config
+from maenas_ray.engines import load_search_state, run_search
 from maenas_ray.orchestration import experiment as ex
-from maenas_ray.orchestration.search_job import merge, worker_resources
+from maenas_ray.orchestration.search_job import FAULT_ENV, merge, worker_resources
 from maenas_ray.space import Genotype
 from maenas_ray.sweep import QUICKSTART, main
 
@@ -137,6 +137,17 @@ def test_max_concurrent_trials_follows_the_cluster():
     assert ex.max_concurrent(fixed, {"CPU": 1}) == 5
     with pytest.raises(ConfigError, match=r"tune.gpus_per_trial = 2: the Ray cluster has 0 GPUs"):
         ex.max_concurrent(gpu, {"CPU": 8})
+
+
+def test_asha_stops_on_epoch_rungs():
+    assert ex.scheduler(load_config(None, sweep=True)) is None  # fifo
+    cfg = load_config(
+        None, ["tune.scheduler=asha", "tune.grace_period=5", "search.epochs=20"], sweep=True
+    )
+    asha = ex.scheduler(cfg)
+    assert isinstance(asha, ray.tune.schedulers.AsyncHyperBandScheduler)
+    assert asha._time_attr == "epoch"  # the reported epoch, also after a trial restarts
+    assert sorted(rung[0] for rung in asha._brackets[0]._rungs) == [5, 10, 20]
 
 
 def test_trial_resources_are_split_over_its_workers():
@@ -305,6 +316,38 @@ def test_latest_search_state_skips_unreadable_checkpoints(tmp_path):
     with pytest.warns(UserWarning, match=r"skipping search checkpoint .*00-00-02.*unreadable"):
         loaded, path = latest_search_state(fs, str(tmp_path / "run"))
     assert loaded["epoch"] == 1 and "00-00-01" in path
+
+
+def test_a_crashed_trial_restarts_from_its_checkpoint(tmp_path, capsys, monkeypatch):
+    # the Train worker process of the trial exits right after its epoch-1 checkpoint
+    monkeypatch.setenv(FAULT_ENV, "exit@1")  # inherited by the Ray started below
+    config = write_config(
+        tmp_path, search={"epochs": 3}, tune={"num_samples": 1, "checkpoints_to_keep": 10}
+    )
+    store = tmp_path / "store"
+    rc = main(["--config", str(config), "--storage-path", str(store), "--name", "crash",
+               "--num-cpus", "2", "--no-dashboard"])  # fmt: skip
+    assert rc == 0, capsys.readouterr().out
+    (result,) = _results(store / "crash")
+    trial = Path(result.path)
+    assert (trial / "fault-injected-exit@1").is_file()  # the fault did happen
+    assert result.metrics["epoch"] == 3 and not result.error
+    epochs = sorted(
+        load_search_state(p)["epoch"]
+        for p in glob.glob(str(trial / "search" / "checkpoint_*" / "search_state.pt"))
+    )
+    assert epochs == [1, 2, 3]  # epoch 1 was not computed again
+    # and the search is the one an uninterrupted run computes (CPU, same seed)
+    trial_config = merge(yaml.safe_load((store / "crash" / ex.CONFIG_FILE).read_text()),
+                         result.config)  # fmt: skip
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the Train worker
+    try:
+        alone = run_search(config_from_dict(trial_config))
+    finally:
+        torch.set_num_threads(threads)
+    assert alone.genotype == Genotype.from_json(result.metrics["genotype"])
+    assert alone.metrics["eval_loss"] == pytest.approx(result.metrics["eval_loss"], rel=1e-5)
 
 
 def _sweep_command(config, store, *extra):

@@ -154,6 +154,19 @@ def sampler(cfg: Config) -> optuna.samplers.BaseSampler:
     return optuna.samplers.TPESampler(seed=t.seed)
 
 
+def scheduler(cfg: Config) -> ray.tune.schedulers.TrialScheduler | None:
+    """``asha``: stop trials whose objective trails at epoch rungs; ``fifo``: none."""
+    t = cfg.tune
+    if t.scheduler != "asha":
+        return None
+    return ray.tune.schedulers.ASHAScheduler(
+        time_attr="epoch",
+        max_t=cfg.search.epochs,
+        grace_period=min(t.grace_period, cfg.search.epochs),
+        reduction_factor=t.reduction_factor,
+    )
+
+
 def study_storage(cfg: Config, experiment: Storage) -> Any:
     """Optuna storage: the configured URL, else a journal file in a local experiment dir."""
     if cfg.tune.study_storage is not None:
@@ -216,14 +229,6 @@ def build_tuner(cfg: Config, storage: Storage, name: str, concurrency: int) -> r
         study_name=name,
         storage=study_storage(cfg, experiment),
     )
-    scheduler = None
-    if t.scheduler == "asha":
-        scheduler = ray.tune.schedulers.ASHAScheduler(
-            time_attr="epoch",
-            max_t=cfg.search.epochs,
-            grace_period=min(t.grace_period, cfg.search.epochs),
-            reduction_factor=t.reduction_factor,
-        )
     return ray.tune.Tuner(
         trainable(cfg),
         param_space=param_space(cfg),
@@ -231,7 +236,7 @@ def build_tuner(cfg: Config, storage: Storage, name: str, concurrency: int) -> r
             metric=metric,
             mode=mode,
             search_alg=search_alg,
-            scheduler=scheduler,
+            scheduler=scheduler(cfg),
             num_samples=t.num_samples,
             max_concurrent_trials=concurrency,
             trial_dirname_creator=trial_dirname,

@@ -12,6 +12,7 @@ directory on the storage (local, NFS, s3:// or gs://).
 
 from __future__ import annotations
 
+import os
 import queue as std_queue
 import tempfile
 import threading
@@ -53,11 +54,17 @@ def worker_resources(cfg: Config) -> dict[str, float]:
     return resources
 
 
+#: Test-only fault injection: ``MAENAS_RAY_FAULT=exit@K`` in the environment of the Ray
+#: workers makes rank 0 of every trial's Train job exit abruptly (``os._exit``) right
+#: after reporting epoch K, once per trial (a marker file in the trial directory).
+FAULT_ENV = "MAENAS_RAY_FAULT"
+
+
 class _ReportToTrain(SearchCallback):
     """Every rank reports each epoch; rank 0 attaches the checkpoint."""
 
-    def __init__(self, rank: int) -> None:
-        self.rank = rank
+    def __init__(self, rank: int, fs: pyarrow.fs.FileSystem, trial_dir: str) -> None:
+        self.rank, self.fs, self.trial_dir = rank, fs, trial_dir
 
     def on_epoch_end(self, report: EpochReport) -> None:
         if self.rank != 0:
@@ -66,6 +73,19 @@ class _ReportToTrain(SearchCallback):
         with tempfile.TemporaryDirectory(prefix="maenas-ckpt-") as tmp:
             report.save_checkpoint(tmp)
             ray.train.report(report.metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        self._inject_fault(report.epoch)
+
+    def _inject_fault(self, epoch: int) -> None:
+        fault = os.environ.get(FAULT_ENV, "")
+        if fault != f"exit@{epoch}":
+            return
+        marker = f"{self.trial_dir}/fault-injected-{fault}"
+        if self.fs.get_file_info(marker).type != pyarrow.fs.FileType.NotFound:
+            return
+        with self.fs.open_output_stream(marker) as f:
+            f.write(b"the Train worker exited here on purpose\n")
+        print(f"{FAULT_ENV}={fault}: exiting the Train worker", flush=True)
+        os._exit(17)
 
 
 def _upload(local_dir: Path, names: tuple[str, ...], fs: pyarrow.fs.FileSystem, dest: str) -> None:
@@ -126,14 +146,14 @@ def search_worker(loop_config: dict[str, Any]) -> None:
     found = latest_search_state(fs, f"{trial_dir}/{TRAIN_RUN}")
     if found is not None:
         state, path = found
-        print(f"resuming the search from epoch {state['epoch']} ({path})", flush=True)
+        if rank == 0:
+            print(f"resuming the search from epoch {state['epoch']} ({path})", flush=True)
     elif (checkpoint := ray.train.get_checkpoint()) is not None:  # e.g. Tune's copy
         with checkpoint.as_directory() as directory:
             state = load_search_state(directory)
     with tempfile.TemporaryDirectory(prefix="maenas-artifacts-") as out:
-        result = run_search(
-            cfg, _ReportToTrain(rank), resume_from=state, out_dir=out if rank == 0 else None
-        )
+        reporter = _ReportToTrain(rank, fs, trial_dir)
+        result = run_search(cfg, reporter, resume_from=state, out_dir=out if rank == 0 else None)
         if state is not None and state["epoch"] >= cfg.search.epochs:
             # The search had finished before the restart: report its result once more.
             if rank == 0:
