@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from maenas_ray.space import PUBLISHED, build_network, count_parameters
+from maenas_ray.space import PUBLISHED, build_network, count_macs, count_parameters
 from maenas_ray.space.cells import drop_path
 
 # Parameter counts of the standard DARTS evaluation networks (auxiliary head excluded).
@@ -101,3 +101,33 @@ def test_drop_path_is_only_active_in_training():
 def test_build_network_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         build_network(PUBLISHED["DARTS_V2"], **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("name", "dataset", "macs"),
+    [
+        ("DARTS_V2", "imagenet", 529_911_552),  # < 600M mobile budget (published 574M)
+        ("DARTS_V2", "cifar10", 528_359_040),  # DARTS' CIFAR-10 network, the cited "528M"
+        ("DARTS_V1", "imagenet", 505_864_704),
+        ("PC_DARTS", "imagenet", 571_137_408),  # published 597M, with other ops counted
+    ],
+)
+def test_multiply_adds_of_published_networks_are_pinned(name, dataset, macs):
+    model = build_network(PUBLISHED[name], dataset)
+    size = 224 if dataset == "imagenet" else 32
+    assert count_macs(model, size) == macs
+    assert model.training  # restored after counting in eval mode
+    if dataset == "imagenet":
+        assert macs < 600_000_000
+
+
+def test_multiply_adds_count_convolutions_and_linear_layers():
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1, bias=False),  # 8*3*9 per pixel
+        torch.nn.BatchNorm2d(8),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8, 10),
+    )
+    assert count_macs(model, (4, 6)) == 8 * 3 * 9 * 4 * 6 + 8 * 10

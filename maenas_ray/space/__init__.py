@@ -1,5 +1,6 @@
 """Search space: DARTS primitives, cells, supernet, genotypes and derived networks (pure torch)."""
 
+from maenas_ray.space.complexity import count_macs
 from maenas_ray.space.genotype import (
     DEFAULT_CONCAT,
     NODES,
@@ -26,6 +27,7 @@ __all__ = [
     "Supernet",
     "build_network",
     "build_op",
+    "count_macs",
     "count_parameters",
     "derive_genotype",
 ]
