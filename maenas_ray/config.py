@@ -232,6 +232,12 @@ class TuneSection:
         if self.max_failures < 0:
             _fail("tune.max_failures", self.max_failures, "must be >= 0")
         _positive("tune.checkpoints_to_keep", self.checkpoints_to_keep)
+        if self.study_storage is not None and "://" not in self.study_storage:
+            _fail(
+                "tune.study_storage",
+                self.study_storage,
+                "an Optuna storage URL such as postgresql://user@host/db or sqlite:///study.db",
+            )
 
 
 @dataclass
@@ -291,13 +297,7 @@ class Config:
 
     def check_sweep(self) -> None:
         """The checks of a sweep on top of :meth:`check`: workers and the tuned space."""
-        workers = self.tune.workers()
-        if self.search.batch_size % workers:
-            _fail(
-                "search.batch_size",
-                self.search.batch_size,
-                f"must be divisible by the {workers} Ray Train workers of a trial",
-            )
+        self._check_workers()
         if self.name is not None and not _NAME.fullmatch(self.name):
             _fail("name", self.name, "letters, digits, '.', '_' and '-' only (a directory name)")
         if not self.storage_path:
@@ -305,6 +305,14 @@ class Config:
         if not self.space:
             _fail("space", self.space, "name at least one search key to tune")
         self._check_space()
+        tuned_masks = sorted({"mask_ratio", "patch_size"} & set(self.space))
+        if self.objective.metric in ("val_loss", "val_psnr") and tuned_masks:
+            _fail(
+                "objective.metric",
+                self.objective.metric,
+                f"is measured with each trial's own masks, and space tunes {tuned_masks}: "
+                "trials would not compare; use eval_loss or eval_psnr (fixed reference masks)",
+            )
         if self.tune.sampler == "grid":
             ranges = [k for k, spec in self.space.items() if spec.choice is None]
             if ranges:
@@ -336,20 +344,22 @@ class Config:
             else:
                 if spec.low is None or spec.high is None:
                     _fail(where, dataclasses.asdict(spec), "needs low and high, or choice")
-                if not _numeric(tp):
+                if not numeric_type(tp):
                     _fail(where, dataclasses.asdict(spec), f"search.{key} takes choice only")
                 if spec.low >= spec.high:
                     _fail(f"{where}.low", spec.low, f"must be below high ({spec.high})")
                 if spec.log and spec.low <= 0:
                     _fail(f"{where}.low", spec.low, "must be > 0 with log: true")
+                if spec.log and spec.step is not None:
+                    _fail(f"{where}.step", spec.step, "cannot be combined with log: true")
                 if spec.step is not None and spec.step <= 0:
                     _fail(f"{where}.step", spec.step, "must be > 0")
-                if _numeric(tp) is int:
+                if numeric_type(tp) is int:
                     for bound in ("low", "high", "step"):
                         v = getattr(spec, bound)
                         if v is not None and v != int(v):
                             _fail(f"{where}.{bound}", v, f"search.{key} is an integer")
-                values = [_numeric(tp)(spec.low), _numeric(tp)(spec.high)]
+                values = [numeric_type(tp)(spec.low), numeric_type(tp)(spec.high)]
             corners.append([(key, v) for v in values])
         for combo in itertools.islice(itertools.product(*corners), 512):
             point_search = dataclasses.replace(self.search, **dict(combo))
@@ -357,9 +367,19 @@ class Config:
             try:
                 trial.search.check()
                 trial._check_search()
+                trial._check_workers()
             except ConfigError as err:
                 point = ", ".join(f"{k}={v!r}" for k, v in combo)
                 raise ConfigError(f"space: the trial point {point} is invalid: {err}") from None
+
+    def _check_workers(self) -> None:
+        workers = self.tune.workers()
+        if self.search.batch_size % workers:
+            _fail(
+                "search.batch_size",
+                self.search.batch_size,
+                f"must be divisible by the {workers} Ray Train workers of a trial",
+            )
 
     def _check_search(self) -> None:
         from maenas_ray.mae import num_masked
@@ -400,7 +420,7 @@ class Config:
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
-def _numeric(tp: Any) -> type | None:
+def numeric_type(tp: Any) -> type | None:
     """``int`` or ``float`` for a numeric field type (optional or not), else None."""
     args = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
     return args[0] if len(args) == 1 and args[0] in (int, float) else None

@@ -10,6 +10,7 @@ The config is checked, and the storage path tried, before Ray starts.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -59,6 +60,7 @@ def _fresh(args: argparse.Namespace):  # -> (Config, Storage, name)
     path = args.config or QUICKSTART
     cfg = prepare(load_config(path, overrides, sweep=True))
     name = cfg.name or f"{Path(path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    cfg = dataclasses.replace(cfg, name=name)  # trials and sweep_config.yaml agree
     storage = resolve_storage(cfg.storage_path)
     check_writable(storage)
     experiment = storage.experiment(name)
@@ -167,9 +169,7 @@ def _run(args: argparse.Namespace, cfg: Config, storage, name: str) -> int:
         else:
             concurrency = ex.max_concurrent(cfg, ray.cluster_resources())
             exp.fs.create_dir(exp.path, recursive=True)
-            exp.write_text(
-                yaml.safe_dump({**cfg.to_dict(), "name": name}, sort_keys=False), ex.CONFIG_FILE
-            )
+            exp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), ex.CONFIG_FILE)
             print(
                 f"sweep {name}: {cfg.tune.num_samples} trials, at most {concurrency} at once, "
                 f"objective {cfg.objective.metric} ({cfg.objective.resolved_mode()}) -> {exp.uri}",

@@ -222,3 +222,14 @@ def test_second_order_gradient_matches_finite_differences():
     exact = torch.autograd.grad(masked_mse(pred, x_a, m_a), list(alphas.values()))
     for got, want in zip(grads, exact, strict=True):
         assert torch.allclose(got, want, rtol=1e-6, atol=1e-9)
+
+
+def test_only_the_search_sections_must_match_to_resume():
+    from maenas_ray.engines.search import config_changes
+
+    saved = tiny().to_dict()
+    sweep = {**saved, "name": "quickstart-20260101", "tune": {**saved["tune"], "seed": 5}}
+    assert config_changes(saved, sweep) == []  # name, tune, space: the sweep around it
+    assert config_changes(saved, {**saved, "search": {**saved["search"], "lr": 0.1}}) == [
+        "search.lr: 0.025 -> 0.1"
+    ]

@@ -85,6 +85,8 @@ def test_search_domains_cover_the_configured_ranges(tmp_path):
     assert (step.lower, step.upper) == (1, 5)  # qrandint: inclusive
     log = ex.search_domain("lr", ex.ParamSpec(low=1e-3, high=1e-1, log=True))
     assert all(1e-3 <= log.sample() <= 1e-1 for _ in range(50))
+    optional_int = ex.search_domain("steps_per_epoch", ex.ParamSpec(low=2, high=6))
+    assert all(isinstance(optional_int.sample(), int) for _ in range(20))  # int | None field
     q = ex.search_domain("mask_ratio", ex.ParamSpec(low=0.3, high=0.8, step=0.05))
     assert all(abs(v / 0.05 - round(v / 0.05)) < 1e-6 for v in (q.sample() for _ in range(50)))
 
@@ -137,6 +139,11 @@ def test_max_concurrent_trials_follows_the_cluster():
     assert ex.max_concurrent(fixed, {"CPU": 1}) == 5
     with pytest.raises(ConfigError, match=r"tune.gpus_per_trial = 2: the Ray cluster has 0 GPUs"):
         ex.max_concurrent(gpu, {"CPU": 8})
+    # GPU trials are limited by CPUs too (4 per trial, 6 CPUs: one at a time)
+    both = load_config(None, ["tune.gpus_per_trial=1", "tune.cpus_per_trial=4"], sweep=True)
+    assert ex.max_concurrent(both, {"CPU": 6, "GPU": 8}) == 1
+    with pytest.raises(ConfigError, match=r"tune.cpus_per_trial = 4: the Ray cluster has 2 CPUs"):
+        ex.max_concurrent(both, {"CPU": 2, "GPU": 1})
 
 
 def test_asha_stops_on_epoch_rungs():
@@ -179,6 +186,13 @@ def test_trial_resources_are_split_over_its_workers():
         (["--set", "space.lr={low: 0, high: 0.1, log: true}"],
          r"space.lr.low = 0.0: must be > 0 with log: true"),
         (["--set", "space={}"], r"space = \{\}: name at least one search key"),
+        (["--set", "space.lr={low: 0.01, high: 0.1, log: true, step: 0.01}"],
+         r"space.lr.step = 0.01: cannot be combined with log: true"),
+        (["--set", "tune.num_workers=2", "--set", "space.batch_size={choice: [8, 9]}"],
+         r"batch_size=9 is invalid: search.batch_size = 9: must be divisible by the 2"),
+        (["--set", "tune.study_storage=study.db"], r"tune.study_storage = 'study.db': an Optuna"),
+        (["--set", "objective.metric=val_loss"],
+         r"objective.metric = 'val_loss': is measured with each trial's own masks"),
         (["--set", "objective.metric=accuracy"], r"objective.metric = 'accuracy': allowed: eval"),
         (["--set", "objective.mode=up"], r"objective.mode = 'up': expected one of 'min', 'max'"),
         (["--num-samples", "0"], r"tune.num_samples = 0: must be a positive integer"),
@@ -352,8 +366,8 @@ def test_a_crashed_trial_restarts_from_its_checkpoint(tmp_path, capsys, monkeypa
 
 def _sweep_command(config, store, *extra):
     return [sys.executable, "-m", "maenas_ray.sweep", "--config", str(config),
-            "--storage-path", str(store), "--name", "killed", "--num-cpus", "2",
-            "--no-dashboard", *extra]  # fmt: skip
+            "--storage-path", str(store), "--num-cpus", "2", "--no-dashboard",
+            *extra]  # fmt: skip
 
 
 def test_a_killed_sweep_resumes_without_rerunning_finished_epochs(tmp_path):
@@ -361,14 +375,14 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_epochs(tmp_path):
         tmp_path, search={"epochs": 3}, tune={"num_samples": 3, "checkpoints_to_keep": 10}
     )
     store = tmp_path / "store"
-    experiment = store / "killed"
     log = open(tmp_path / "first.log", "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
         _sweep_command(config, store), stdout=log, stderr=subprocess.STDOUT,
         start_new_session=True, cwd=tmp_path,
     )  # fmt: skip
     deadline = time.monotonic() + 300
-    pattern = str(experiment / "trial_*" / "search" / "checkpoint_*" / "search_state.pt")
+    # no --name: the experiment is sweep-<date>-<time>, and --resume finds the newest
+    pattern = str(store / "sweep-*" / "trial_*" / "search" / "checkpoint_*" / "search_state.pt")
     while not glob.glob(pattern):
         assert proc.poll() is None, (tmp_path / "first.log").read_text()
         assert time.monotonic() < deadline, "no checkpoint within 5 minutes"
@@ -378,6 +392,7 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_epochs(tmp_path):
     log.close()
     before = {p: os.stat(p).st_mtime_ns for p in glob.glob(pattern)}
     assert before
+    (experiment,) = store.glob("sweep-*")
 
     resumed = subprocess.run(
         _sweep_command(config, store, "--resume"), capture_output=True, text=True,
@@ -389,7 +404,7 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_epochs(tmp_path):
     assert len(results) == 3 and not results.errors
     assert all(r.metrics["epoch"] == 3 for r in results)
     assert len(_trial_dirs(experiment)) == 3
-    study = _study(experiment, "killed")
+    study = _study(experiment, experiment.name)
     assert len(study.trials) == 3
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
     for trial in _trial_dirs(experiment):

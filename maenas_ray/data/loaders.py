@@ -12,12 +12,15 @@ All randomness comes from one CPU ``torch.Generator`` whose state is checkpointe
 resumed search sees the same batches as an uninterrupted one.
 
 Data parallel (``shard=(rank, world)``): every rank draws the same global batch of
-``batch_size`` images and keeps every ``world``-th one from position ``rank``, so the ranks
-together see exactly the batches a single process would, and their generators stay equal.
+``batch_size`` image indices and keeps every ``world``-th one from position ``rank``, so
+the ranks together see the images a single process would, and their generators stay
+equal. On the device path the augmentation is drawn for the global batch too (the same
+pixels as one process); DataLoader workers draw it per rank (seeded by rank and worker).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -138,6 +141,11 @@ class _ShardedBatches(BatchSampler):
             yield batch[self.rank :: self.world]
 
 
+def _seed_worker(rank: int, worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: augmentation draws that differ between ranks."""
+    torch.manual_seed(torch.initial_seed() + 1_000_003 * rank)
+
+
 class WorkerBatches:
     """Batches from a DataLoader with worker processes (the general path)."""
 
@@ -160,6 +168,7 @@ class WorkerBatches:
         self.loader = DataLoader(
             view,
             batch_sampler=batches,
+            worker_init_fn=functools.partial(_seed_worker, shard[0]),
             num_workers=num_workers,
             pin_memory=device.type == "cuda",
             generator=generator,

@@ -9,7 +9,8 @@ metrics and can write a checkpoint of the whole search state, from which
 Data parallel: when ``torch.distributed`` is initialised (e.g. by Ray Train) each rank
 takes its share of every global batch and of every mask, and the weight and α gradients
 are averaged over the ranks before each step; all ranks draw the same random numbers, so
-their states stay identical and one rank's checkpoint is the whole search.
+their weights, α and optimiser states stay identical (only the unused BatchNorm running
+statistics differ) and one rank's checkpoint is the whole search.
 """
 
 from __future__ import annotations
@@ -109,9 +110,18 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+#: Config sections that decide what a search computes; the others (tune, space, objective,
+#: storage_path, name) describe the sweep around it.
+SEARCH_SECTIONS = ("data", "search")
+
+
 def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Keys whose values differ between two config dicts, except :data:`RESUMABLE_CHANGES`."""
-    a, b = _flatten(saved), _flatten(current)
+    """Keys of the search sections whose values differ between two config dicts, except
+    :data:`RESUMABLE_CHANGES`."""
+    a, b = (
+        _flatten({k: v for k, v in tree.items() if k in SEARCH_SECTIONS})
+        for tree in (saved, current)
+    )
     return sorted(
         f"{k}: {a.get(k)!r} -> {b.get(k)!r}"
         for k in set(a) | set(b)

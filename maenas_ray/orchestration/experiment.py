@@ -23,7 +23,14 @@ import ray.tune
 import yaml
 from ray.tune.search.optuna import OptunaSearch
 
-from maenas_ray.config import Config, ConfigError, ParamSpec, SearchConfig, config_from_dict
+from maenas_ray.config import (
+    Config,
+    ConfigError,
+    ParamSpec,
+    SearchConfig,
+    config_from_dict,
+    numeric_type,
+)
 from maenas_ray.orchestration.search_job import DRIVER_CPU, search_trial
 from maenas_ray.space import Genotype
 
@@ -105,7 +112,7 @@ def search_domain(key: str, spec: ParamSpec) -> Any:
         return ray.tune.choice(list(spec.choice))
     low, high, step = spec.low, spec.high, spec.step
     assert low is not None and high is not None  # Config.check_sweep guarantees it
-    if hints[key] is int:
+    if numeric_type(hints[key]) is int:  # int and int | None fields
         if spec.log:
             return ray.tune.lograndint(int(low), int(high) + 1)
         if step is not None:
@@ -200,20 +207,20 @@ def max_concurrent(cfg: Config, resources: dict[str, float]) -> int:
     if t.max_concurrent_trials is not None:
         return t.max_concurrent_trials
     gpus, cpus = resources.get("GPU", 0.0), resources.get("CPU", 0.0)
+    hint = "or set tune.max_concurrent_trials on an autoscaling cluster"
+    if cpus < t.cpus_per_trial:
+        raise ConfigError(
+            f"tune.cpus_per_trial = {t.cpus_per_trial:g}: the Ray cluster has {cpus:g} CPUs; "
+            f"lower it, {hint}"
+        )
+    fit = math.floor(cpus / t.cpus_per_trial + 1e-9)
     if t.gpus_per_trial > 0:
         if gpus < t.gpus_per_trial:
             raise ConfigError(
                 f"tune.gpus_per_trial = {t.gpus_per_trial:g}: the Ray cluster has {gpus:g} "
-                "GPUs; set tune.gpus_per_trial: 0 to search on CPUs, or set "
-                "tune.max_concurrent_trials on an autoscaling cluster"
+                f"GPUs; set tune.gpus_per_trial: 0 to search on CPUs, {hint}"
             )
-        fit = math.floor(gpus / t.gpus_per_trial + 1e-9)
-    else:
-        if cpus < t.cpus_per_trial:
-            raise ConfigError(
-                f"tune.cpus_per_trial = {t.cpus_per_trial:g}: the Ray cluster has {cpus:g} CPUs"
-            )
-        fit = math.floor(cpus / t.cpus_per_trial + 1e-9)
+        fit = min(fit, math.floor(gpus / t.gpus_per_trial + 1e-9))
     return max(1, min(fit, t.num_samples))
 
 

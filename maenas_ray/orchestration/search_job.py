@@ -60,6 +60,11 @@ def worker_resources(cfg: Config) -> dict[str, float]:
 FAULT_ENV = "MAENAS_RAY_FAULT"
 
 
+def checkpoint_dir_name(epoch: int, suffix: str = "") -> str:
+    """``checkpoint_epoch_00007``: sorts by epoch, whatever the clocks of the nodes say."""
+    return f"checkpoint_epoch_{epoch:05d}{suffix}"
+
+
 class _ReportToTrain(SearchCallback):
     """Every rank reports each epoch; rank 0 attaches the checkpoint."""
 
@@ -72,7 +77,11 @@ class _ReportToTrain(SearchCallback):
             return
         with tempfile.TemporaryDirectory(prefix="maenas-ckpt-") as tmp:
             report.save_checkpoint(tmp)
-            ray.train.report(report.metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            ray.train.report(
+                report.metrics,
+                checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                checkpoint_dir_name=checkpoint_dir_name(report.epoch),
+            )
         self._inject_fault(report.epoch)
 
     def _inject_fault(self, epoch: int) -> None:
@@ -113,7 +122,7 @@ def latest_search_state(
     selector = pyarrow.fs.FileSelector(run_dir, allow_not_found=True)
     infos = fs.get_file_info(selector)
     dirs = [i.base_name for i in infos if i.type == pyarrow.fs.FileType.Directory]
-    names = sorted(dirs, reverse=True)  # checkpoint_<date>_<time>: the newest first
+    names = sorted(dirs, reverse=True)  # checkpoint_epoch_<epoch>: the newest first
     for name in names:
         if not name.startswith("checkpoint_"):
             continue
@@ -160,21 +169,40 @@ def search_worker(loop_config: dict[str, Any]) -> None:
                 with tempfile.TemporaryDirectory(prefix="maenas-ckpt-") as tmp:
                     save_search_state(state, tmp)
                     ckpt = ray.train.Checkpoint.from_directory(tmp)
-                    ray.train.report(result.metrics, checkpoint=ckpt)
+                    name = checkpoint_dir_name(state["epoch"], "_final")
+                    ray.train.report(result.metrics, checkpoint=ckpt, checkpoint_dir_name=name)
             else:
                 ray.train.report(result.metrics)
         if rank == 0:
             _upload(Path(out), ARTIFACTS, fs, trial_dir)
 
 
-class _ForwardReports(ray.train.UserCallback):
-    """Runs in the Train controller: passes rank 0's metrics and checkpoint to the driver."""
+#: Longest wait of the Train controller for the driver's copy of a checkpoint to Tune.
+COPY_TIMEOUT_S = 1800.0
 
-    def __init__(self, queue: Queue) -> None:
-        self.queue = queue
+
+class _ForwardReports(ray.train.UserCallback):
+    """Runs in the Train controller: passes rank 0's metrics and checkpoint to the driver.
+
+    With a checkpoint it waits until the driver has reported it to Tune (which copies it
+    into the trial's checkpoint directory), so Train's ``num_to_keep`` pruning can never
+    delete a checkpoint before Tune has its copy.
+    """
+
+    def __init__(self, reports: Queue, copied: Queue) -> None:
+        self.reports, self.copied = reports, copied
 
     def after_report(self, run_context: Any, metrics: list[dict], checkpoint: Any) -> None:
-        self.queue.put((metrics[0], checkpoint))
+        self.reports.put((metrics[0], checkpoint))
+        if checkpoint is not None:
+            try:
+                self.copied.get(timeout=COPY_TIMEOUT_S)
+            except Empty:
+                warnings.warn(
+                    f"Tune did not take the checkpoint {checkpoint.path} within "
+                    f"{COPY_TIMEOUT_S:.0f} s; going on",
+                    stacklevel=2,
+                )
 
 
 def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -195,7 +223,8 @@ def search_trial(params: dict[str, Any], base: dict[str, Any]) -> None:
     cfg = config_from_dict(config)
     storage = ray.tune.get_context().get_storage()
     trial_dir, fs = storage.trial_fs_path, storage.storage_filesystem
-    queue = Queue(actor_options={"num_cpus": 0})
+    reports = Queue(actor_options={"num_cpus": 0})
+    copied = Queue(actor_options={"num_cpus": 0})
     tune_checkpoint = ray.tune.get_checkpoint()
     resume = None
     if tune_checkpoint is not None:
@@ -212,7 +241,7 @@ def search_trial(params: dict[str, Any], base: dict[str, Any]) -> None:
             name=TRAIN_RUN,
             storage_path=trial_dir,
             storage_filesystem=fs,
-            callbacks=[_ForwardReports(queue)],
+            callbacks=[_ForwardReports(reports, copied)],
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.tune.checkpoints_to_keep),
             # a failed Train run fails the trial; Tune's FailureConfig restarts it
             failure_config=ray.train.FailureConfig(max_failures=0),
@@ -231,14 +260,20 @@ def search_trial(params: dict[str, Any], base: dict[str, Any]) -> None:
 
     thread = threading.Thread(target=fit, name="search-train-job", daemon=True)
     thread.start()
-    while thread.is_alive() or not queue.empty():
+    while thread.is_alive() or not reports.empty():
         try:
-            metrics, checkpoint = queue.get(timeout=1.0)
+            metrics, checkpoint = reports.get(timeout=1.0)
         except Empty:
             continue
-        if checkpoint is not None:
-            checkpoint = ray.tune.Checkpoint(checkpoint.path, checkpoint.filesystem)
-        ray.tune.report(metrics, checkpoint=checkpoint)
+        if checkpoint is None:
+            ray.tune.report(metrics)
+            continue
+        try:  # Tune copies the checkpoint into the trial's checkpoint_<n> directory
+            ray.tune.report(
+                metrics, checkpoint=ray.tune.Checkpoint(checkpoint.path, checkpoint.filesystem)
+            )
+        finally:
+            copied.put(True)
     thread.join()
     if not errors.empty():
         raise errors.get()
