@@ -159,6 +159,94 @@ class SearchConfig:
 
 
 @dataclass
+class RetrainConfig:
+    """``retrain`` section: supervised training of a derived genotype (DESIGN §1.6).
+
+    The defaults are the CIFAR protocol; ``tune_configs/retrain_imagenet.yaml`` holds the
+    ImageNet one. Labels are read here and only here.
+    """
+
+    #: network size; null = the protocol's (CIFAR: C=36, 20 cells; ImageNet: C=48, 14)
+    channels: int | None = None
+    layers: int | None = None
+    #: auxiliary classifier at 2/3 depth and its loss weight
+    auxiliary: bool = True
+    auxiliary_weight: float = 0.4
+    #: drop-path probability, ramped linearly from 0 to this over the epochs
+    drop_path: float = 0.2
+    epochs: int = 600
+    #: global batch (split over the Ray Train workers)
+    batch_size: int = 96
+    #: cap on iterations per epoch (quick runs); null = one pass over the training images
+    steps_per_epoch: int | None = None
+    lr: float = 0.025
+    #: cosine to lr_min over the epochs, or exponential (lr_decay per epoch, ImageNet)
+    lr_schedule: Literal["cosine", "exponential"] = "cosine"
+    lr_min: float = 0.0
+    lr_decay: float = 0.97
+    momentum: float = 0.9
+    weight_decay: float = 3e-4
+    grad_clip: float = 5.0
+    label_smoothing: float = 0.0
+    #: side of the cutout square (CIFAR: 16); 0 = no cutout
+    cutout: int = 16
+    #: held-out images evaluated per epoch; null = all
+    eval_images: int | None = None
+    # Ray Train workers (data parallel; DDP over NCCL on GPUs, gloo on CPUs)
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    # the proxy retrain of a sweep trial (objective.metric: proxy_top1): a short run of a
+    # smaller network
+    proxy_epochs: int = 10
+    proxy_channels: int = 16
+    proxy_layers: int = 8
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    seed: int = 0
+
+    def check(self) -> None:
+        for key in ("channels", "layers"):
+            if getattr(self, key) is not None:
+                _positive(f"retrain.{key}", getattr(self, key))
+        if self.layers is not None and self.layers < 3:
+            _fail("retrain.layers", self.layers, "must be >= 3 (two reduction cells)")
+        if self.auxiliary_weight < 0:
+            _fail("retrain.auxiliary_weight", self.auxiliary_weight, "must be >= 0")
+        if not 0.0 <= self.drop_path < 1.0:
+            _fail("retrain.drop_path", self.drop_path, "must be in [0, 1)")
+        for key in ("epochs", "batch_size", "num_workers", "proxy_epochs", "proxy_channels"):
+            _positive(f"retrain.{key}", getattr(self, key))
+        if self.proxy_layers < 3:
+            _fail("retrain.proxy_layers", self.proxy_layers, "must be >= 3")
+        for key in ("steps_per_epoch", "eval_images"):
+            if getattr(self, key) is not None:
+                _positive(f"retrain.{key}", getattr(self, key))
+        for key in ("lr", "grad_clip", "cpus_per_worker"):
+            if getattr(self, key) <= 0:
+                _fail(f"retrain.{key}", getattr(self, key), "must be > 0")
+        for key in ("lr_min", "weight_decay"):
+            if getattr(self, key) < 0:
+                _fail(f"retrain.{key}", getattr(self, key), "must be >= 0")
+        if self.lr_min > self.lr:
+            _fail("retrain.lr_min", self.lr_min, f"must be <= retrain.lr ({self.lr})")
+        if not 0.0 < self.lr_decay <= 1.0:
+            _fail("retrain.lr_decay", self.lr_decay, "must be in (0, 1]")
+        if not 0.0 <= self.momentum < 1.0:
+            _fail("retrain.momentum", self.momentum, "must be in [0, 1)")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            _fail("retrain.label_smoothing", self.label_smoothing, "must be in [0, 1)")
+        if self.cutout < 0:
+            _fail("retrain.cutout", self.cutout, "must be >= 0 (0 = off)")
+        if self.batch_size % self.num_workers:
+            _fail(
+                "retrain.batch_size",
+                self.batch_size,
+                f"must be divisible by retrain.num_workers ({self.num_workers})",
+            )
+
+
+@dataclass
 class ParamSpec:
     """One tuned key of the ``space`` section: a range (``low``, ``high``) or a ``choice``."""
 
@@ -244,8 +332,11 @@ class TuneSection:
 class ObjectiveSection:
     """``objective`` section: what the outer loop optimises."""
 
-    #: a final trial metric; see ``maenas_ray.engines.OBJECTIVES``
-    metric: str = "eval_loss"
+    #: a final trial metric; see ``maenas_ray.engines.OBJECTIVES``. proxy_top1: held-out
+    #: top-1 of a short proxy retrain of each trial's genotype (uses the labels; the
+    #: retrain section's proxy_* keys); eval_loss: the label-free masked reconstruction
+    #: loss with fixed reference masks
+    metric: str = "proxy_top1"
     #: null = the metric's natural direction (min for losses, max for PSNR)
     mode: Literal["min", "max"] | None = None
 
@@ -279,6 +370,7 @@ class Config:
 
     data: DataConfig = field(default_factory=DataConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+    retrain: RetrainConfig = field(default_factory=RetrainConfig)
     tune: TuneSection = field(default_factory=TuneSection)
     #: search keys the outer loop tunes, each a range or a choice
     space: dict[str, ParamSpec] = field(default_factory=_default_space)
@@ -291,6 +383,7 @@ class Config:
     def check(self) -> None:
         self.data.check()
         self.search.check()
+        self.retrain.check()
         self.tune.check()
         self.objective.check()
         self._check_search()
@@ -305,6 +398,21 @@ class Config:
         if not self.space:
             _fail("space", self.space, "name at least one search key to tune")
         self._check_space()
+        if self.objective.metric.startswith("proxy_"):
+            if self.tune.scheduler == "asha":
+                _fail(
+                    "tune.scheduler",
+                    "asha",
+                    f"stops trials on search epochs; objective.metric = "
+                    f"{self.objective.metric!r} exists only after the proxy retrain: use fifo",
+                )
+            workers = self.tune.workers()
+            if self.retrain.batch_size % workers:
+                _fail(
+                    "retrain.batch_size",
+                    self.retrain.batch_size,
+                    f"must be divisible by the {workers} Ray Train workers of a trial",
+                )
         tuned_masks = sorted({"mask_ratio", "patch_size"} & set(self.space))
         if self.objective.metric in ("val_loss", "val_psnr") and tuned_masks:
             _fail(

@@ -147,21 +147,15 @@ def _run(args: argparse.Namespace, cfg: Config, storage, name: str) -> int:
 
     exp = storage.experiment(name)
     try:
-        if args.address:
-            context = ray.init(address=args.address)
-            print(f"connected to the Ray cluster at {args.address}", flush=True)
-        else:  # the dashboard listens on this machine only (ray dashboard / ssh -L to share)
-            context = ray.init(
-                num_cpus=args.num_cpus,
-                include_dashboard=not args.no_dashboard,
-                dashboard_host="127.0.0.1",
-            )
+        dashboard = ex.start_ray(args.address, args.num_cpus, not args.no_dashboard)
     except (ConnectionError, RuntimeError, ValueError) as err:
         where = f"the Ray cluster at --address {args.address}" if args.address else "a local Ray"
         print(f"error: cannot start or reach {where}: {err}", file=sys.stderr)
         return 2
-    if context.dashboard_url:
-        print(f"Ray dashboard: http://{context.dashboard_url}", flush=True)
+    if args.address:
+        print(f"connected to the Ray cluster at {args.address}", flush=True)
+    if dashboard:
+        print(f"Ray dashboard: {dashboard}", flush=True)
     try:
         if args.resume:
             print(f"resuming {exp.uri}", flush=True)

@@ -23,7 +23,8 @@ from optuna.storages.journal import JournalFileBackend
 from maenas_ray.config import ConfigError, config_from_dict, load_config
 from maenas_ray.engines import load_search_state, run_search
 from maenas_ray.orchestration import experiment as ex
-from maenas_ray.orchestration.search_job import FAULT_ENV, merge, worker_resources
+from maenas_ray.orchestration.search_job import merge, worker_resources
+from maenas_ray.orchestration.train_jobs import FAULT_ENV
 from maenas_ray.space import Genotype
 from maenas_ray.sweep import QUICKSTART, main
 
@@ -41,6 +42,7 @@ TINY = {
         "decoder_depth": {"low": 1, "high": 2},
     },
     "tune": {"num_samples": 3, "cpus_per_trial": 1, "seed": 1},
+    "objective": {"metric": "eval_loss"},
 }  # fmt: skip
 
 
@@ -314,10 +316,15 @@ def test_a_trial_runs_data_parallel_over_two_workers(tmp_path, capsys):
 
 
 def test_latest_search_state_skips_unreadable_checkpoints(tmp_path):
+    from maenas_ray.engines import load_search_state as load
     from maenas_ray.engines import save_search_state
-    from maenas_ray.orchestration.search_job import latest_search_state
+    from maenas_ray.orchestration.train_jobs import latest_state
 
     fs = ex.resolve_storage(str(tmp_path)).fs
+
+    def latest_search_state(fs, run_dir):
+        return latest_state(fs, run_dir, "search_state.pt", load)
+
     assert latest_search_state(fs, str(tmp_path / "absent")) is None
     state = {"format": "maenas-search-v1", "epoch": 1, "weights": torch.ones(3)}
     save_search_state(state, tmp_path / "run" / "checkpoint_2026-01-01_00-00-01.000000")
@@ -327,14 +334,14 @@ def test_latest_search_state_skips_unreadable_checkpoints(tmp_path):
     loaded, path = latest_search_state(fs, str(tmp_path / "run"))
     assert loaded["epoch"] == 2 and path == str(newer)
     newer.write_bytes(newer.read_bytes()[:100])  # truncated by a crash
-    with pytest.warns(UserWarning, match=r"skipping search checkpoint .*00-00-02.*unreadable"):
+    with pytest.warns(UserWarning, match=r"skipping checkpoint .*00-00-02.*unreadable"):
         loaded, path = latest_search_state(fs, str(tmp_path / "run"))
     assert loaded["epoch"] == 1 and "00-00-01" in path
 
 
 def test_a_crashed_trial_restarts_from_its_checkpoint(tmp_path, capsys, monkeypatch):
     # the Train worker process of the trial exits right after its epoch-1 checkpoint
-    monkeypatch.setenv(FAULT_ENV, "exit@1")  # inherited by the Ray started below
+    monkeypatch.setenv(FAULT_ENV, "search:exit@1")  # inherited by the Ray started below
     config = write_config(
         tmp_path, search={"epochs": 3}, tune={"num_samples": 1, "checkpoints_to_keep": 10}
     )
@@ -344,7 +351,7 @@ def test_a_crashed_trial_restarts_from_its_checkpoint(tmp_path, capsys, monkeypa
     assert rc == 0, capsys.readouterr().out
     (result,) = _results(store / "crash")
     trial = Path(result.path)
-    assert (trial / "fault-injected-exit@1").is_file()  # the fault did happen
+    assert (trial / "fault-injected-search-exit@1").is_file()  # the fault did happen
     assert result.metrics["epoch"] == 3 and not result.error
     epochs = sorted(
         load_search_state(p)["epoch"]

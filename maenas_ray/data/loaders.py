@@ -129,7 +129,7 @@ def image_transforms(dataset: ImageDataset, image_size: int, augment: bool):
     return v2.Compose(steps)
 
 
-class _ShardedBatches(BatchSampler):
+class ShardedBatches(BatchSampler):
     """Global batches of indices (drop_last), each cut to this rank's share."""
 
     def __init__(self, sampler: RandomSampler, batch_size: int, shard: tuple[int, int]) -> None:
@@ -141,7 +141,7 @@ class _ShardedBatches(BatchSampler):
             yield batch[self.rank :: self.world]
 
 
-def _seed_worker(rank: int, worker_id: int) -> None:
+def seed_worker(rank: int, worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: augmentation draws that differ between ranks."""
     torch.manual_seed(torch.initial_seed() + 1_000_003 * rank)
 
@@ -164,11 +164,11 @@ class WorkerBatches:
         self.dataset, self.indices, self.image_size = dataset, list(indices), image_size
         self.device = device
         view = _ImagesOnly(dataset, indices, image_transforms(dataset, image_size, augment))
-        batches = _ShardedBatches(RandomSampler(view, generator=generator), batch_size, shard)
+        batches = ShardedBatches(RandomSampler(view, generator=generator), batch_size, shard)
         self.loader = DataLoader(
             view,
             batch_sampler=batches,
-            worker_init_fn=functools.partial(_seed_worker, shard[0]),
+            worker_init_fn=functools.partial(seed_worker, shard[0]),
             num_workers=num_workers,
             pin_memory=device.type == "cuda",
             generator=generator,

@@ -2,7 +2,7 @@
 
 from maenas_ray.engines.search import (
     CHECKPOINT_FILE,
-    OBJECTIVES,
+    SEARCH_OBJECTIVES,
     CheckpointMismatchError,
     EpochReport,
     SearchCallback,
@@ -15,6 +15,10 @@ from maenas_ray.engines.search import (
     save_search_state,
     unrolled_arch_gradients,
 )
+
+#: Final trial metrics a sweep may optimise, with their natural direction: the label-free
+#: search metrics, and the held-out accuracy of the proxy retrain (labels used there only).
+OBJECTIVES = {**SEARCH_OBJECTIVES, "proxy_top1": "max", "proxy_top5": "max"}
 
 __all__ = [
     "CHECKPOINT_FILE",

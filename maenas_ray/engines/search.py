@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -32,6 +31,7 @@ from torch.func import functional_call
 
 from maenas_ray.config import Config
 from maenas_ray.data import ImageDataset, SearchData, search_data
+from maenas_ray.engines.state import load_state, save_state
 from maenas_ray.mae import MaskedAutoencoder, build_decoder, masked_mse, masked_psnr
 from maenas_ray.mae.masking import apply_mask, random_patch_mask
 from maenas_ray.space import Genotype, Supernet
@@ -39,8 +39,8 @@ from maenas_ray.space import Genotype, Supernet
 CHECKPOINT_FILE = "search_state.pt"
 CHECKPOINT_FORMAT = "maenas-search-v1"
 
-#: Final metrics a sweep may optimise, with their natural direction.
-OBJECTIVES = {
+#: Final search metrics a sweep may optimise, with their natural direction.
+SEARCH_OBJECTIVES = {
     "eval_loss": "min",  # masked reconstruction loss on fixed images and fixed masks
     "eval_psnr": "max",
     "val_loss": "min",  # mean A-split loss of the last epoch (the α objective)
@@ -96,8 +96,13 @@ class CheckpointMismatchError(ValueError):
 
 
 #: Config keys that may change between a checkpoint and its resumption (where and how
-#: the search runs, not what it computes).
-RESUMABLE_CHANGES = frozenset({"data.root", "data.download", "data.num_workers", "search.device"})
+#: a run runs, not what it computes).
+RESUMABLE_CHANGES = frozenset(
+    {
+        "data.root", "data.download", "data.num_workers", "search.device", "retrain.device",
+        "retrain.num_workers", "retrain.use_gpu", "retrain.cpus_per_worker",
+    }
+)  # fmt: skip
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -115,13 +120,13 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 SEARCH_SECTIONS = ("data", "search")
 
 
-def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Keys of the search sections whose values differ between two config dicts, except
+def config_changes(
+    saved: dict[str, Any], current: dict[str, Any], sections: Iterable[str] = SEARCH_SECTIONS
+) -> list[str]:
+    """Keys of ``sections`` whose values differ between two config dicts, except
     :data:`RESUMABLE_CHANGES`."""
-    a, b = (
-        _flatten({k: v for k, v in tree.items() if k in SEARCH_SECTIONS})
-        for tree in (saved, current)
-    )
+    sections = tuple(sections)
+    a, b = (_flatten({k: v for k, v in tree.items() if k in sections}) for tree in (saved, current))
     return sorted(
         f"{k}: {a.get(k)!r} -> {b.get(k)!r}"
         for k in set(a) | set(b)
@@ -131,28 +136,24 @@ def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
 
 @dataclass
 class EpochReport:
-    """What callbacks get after each epoch."""
+    """What callbacks get after each epoch (of a search or of a retraining)."""
 
     epoch: int  # epochs completed (1-based)
     epochs: int
     metrics: dict[str, Any]
     genotype: Genotype
     _state: Callable[[], dict[str, Any]]
+    _save: Callable[[dict[str, Any], str | Path], Path] | None = None
 
     def save_checkpoint(self, directory: str | Path) -> Path:
-        """Write the whole search state to ``directory/search_state.pt`` (atomically)."""
-        return save_search_state(self._state(), directory)
+        """Write the whole run state to ``directory`` (``search_state.pt`` or
+        ``retrain_state.pt``), atomically; returns the file."""
+        return (self._save or save_search_state)(self._state(), directory)
 
 
 def save_search_state(state: dict[str, Any], directory: str | Path) -> Path:
     """Write a search state to ``directory/search_state.pt`` atomically; returns the file."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / CHECKPOINT_FILE
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-    return path
+    return save_state(state, directory, CHECKPOINT_FILE)
 
 
 class SearchCallback:
@@ -173,18 +174,7 @@ class SearchResult:
 
 def load_search_state(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint file or a directory holding one; tensors only, no pickled code."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / CHECKPOINT_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"no search checkpoint at {str(path)!r}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"search checkpoint {str(path)!r} is unreadable: {err}") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{str(path)!r} is not a maenas-ray search checkpoint")
-    return state
+    return load_state(path, CHECKPOINT_FILE, CHECKPOINT_FORMAT, "search")
 
 
 def unrolled_arch_gradients(

@@ -257,6 +257,18 @@ def build_tuner(cfg: Config, storage: Storage, name: str, concurrency: int) -> r
     )
 
 
+def start_ray(address: str | None, num_cpus: int | None, dashboard: bool) -> str | None:
+    """Connect to the cluster at ``address``, or start a local Ray (its dashboard bound to
+    127.0.0.1); returns the dashboard URL, if any."""
+    if address:
+        context = ray.init(address=address)
+    else:
+        context = ray.init(
+            num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1"
+        )
+    return f"http://{context.dashboard_url}" if context.dashboard_url else None
+
+
 def restore_tuner(cfg: Config, experiment: Storage) -> ray.tune.Tuner:
     """Continue an interrupted sweep: unfinished and errored trials go on from checkpoints."""
     return ray.tune.Tuner.restore(
@@ -296,9 +308,12 @@ def leaderboard(cfg: Config, results: ray.tune.ResultGrid) -> list[Row]:
         config = result.config or {}
         genotype = Genotype.from_json(m["genotype"]) if "genotype" in m else None
         epochs = config.get("search", {}).get("epochs", cfg.search.epochs)
+        done = m.get("epoch") == epochs
+        if metric.startswith("proxy_"):
+            done = done and m.get("proxy_epoch") == cfg.retrain.proxy_epochs
         if result.error:
             status = "ERROR"
-        elif m.get("epoch") == epochs:
+        elif done:
             status = "done"
         else:  # stopped early by the scheduler, or interrupted
             status = f"stopped@{m.get('epoch', 0)}"

@@ -1,0 +1,41 @@
+"""Checkpoint files of the engines: written atomically, read without unpickling code."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def save_state(state: dict[str, Any], directory: str | Path, filename: str) -> Path:
+    """Write ``state`` to ``directory/filename`` atomically (tmp file, then rename)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / filename
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_state(path: str | Path, filename: str, fmt: str, what: str) -> dict[str, Any]:
+    """Load ``path`` (a file, or a directory holding ``filename``) written in format ``fmt``.
+
+    ``torch.load(weights_only=True)``: tensors and plain containers only, never code.
+    A missing file raises FileNotFoundError, a truncated or foreign one ValueError, both
+    naming the file.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / filename
+    if not path.is_file():
+        raise FileNotFoundError(f"no {what} checkpoint at {str(path)!r}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"{what} checkpoint {str(path)!r} is unreadable: {err}") from None
+    if not isinstance(state, dict) or state.get("format") != fmt:
+        raise ValueError(f"{str(path)!r} is not a maenas-ray {what} checkpoint")
+    return state

@@ -1,0 +1,209 @@
+"""What the Ray Train jobs of this project share: per-epoch reports with checkpoints named
+by epoch, resumption from the newest readable checkpoint on the storage, artifacts copied
+to the storage, forwarding of reports to Ray Tune, and a test-only fault injection.
+"""
+
+from __future__ import annotations
+
+import os
+import queue as std_queue
+import tempfile
+import threading
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs
+import ray.train
+import ray.tune
+import torch
+from ray.util.queue import Empty, Queue
+
+from maenas_ray.engines import EpochReport, SearchCallback
+
+#: Test-only fault injection: ``MAENAS_RAY_FAULT=<stage>:exit@K`` (stage ``search`` or
+#: ``retrain``) in the environment of the Ray workers makes rank 0 of that stage's Train
+#: job exit abruptly (``os._exit``) right after reporting epoch K, once per run (a marker
+#: file next to the run).
+FAULT_ENV = "MAENAS_RAY_FAULT"
+#: Longest wait of the Train controller for the driver's copy of a checkpoint to Tune.
+COPY_TIMEOUT_S = 1800.0
+
+
+def checkpoint_dir_name(epoch: int, suffix: str = "") -> str:
+    """``checkpoint_epoch_00007``: sorts by epoch, whatever the clocks of the nodes say."""
+    return f"checkpoint_epoch_{epoch:05d}{suffix}"
+
+
+def setup_worker(device: str, cpus: float) -> int:
+    """Threads for this worker's CPUs, the worker's own GPU when it has one; the rank."""
+    torch.set_num_threads(max(1, round(cpus)))
+    if device != "cpu" and torch.cuda.is_available():
+        torch.cuda.set_device(ray.train.torch.get_device())
+    return ray.train.get_context().get_world_rank()
+
+
+class ReportEpochs(SearchCallback):
+    """Every rank reports each epoch to Ray Train; rank 0 attaches the checkpoint."""
+
+    def __init__(self, rank: int, stage: str, fs: pyarrow.fs.FileSystem, marker_dir: str):
+        self.rank, self.stage, self.fs, self.marker_dir = rank, stage, fs, marker_dir
+
+    def on_epoch_end(self, report: EpochReport) -> None:
+        if self.rank != 0:
+            ray.train.report(report.metrics)
+            return
+        with tempfile.TemporaryDirectory(prefix="maenas-ckpt-") as tmp:
+            report.save_checkpoint(tmp)
+            ray.train.report(
+                report.metrics,
+                checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                checkpoint_dir_name=checkpoint_dir_name(report.epoch),
+            )
+        self._inject_fault(report.epoch)
+
+    def _inject_fault(self, epoch: int) -> None:
+        fault = os.environ.get(FAULT_ENV, "")
+        if fault != f"{self.stage}:exit@{epoch}":
+            return
+        marker = f"{self.marker_dir}/fault-injected-{fault.replace(':', '-')}"
+        if self.fs.get_file_info(marker).type != pyarrow.fs.FileType.NotFound:
+            return
+        with self.fs.open_output_stream(marker) as f:
+            f.write(b"the Train worker exited here on purpose\n")
+        print(f"{FAULT_ENV}={fault}: exiting the Train worker", flush=True)
+        os._exit(17)
+
+
+def report_final(metrics: dict[str, Any], rank: int, save: Callable[[str], Any], epoch: int):
+    """Report a run that had finished before its restart once more (with its checkpoint)."""
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory(prefix="maenas-ckpt-") as tmp:
+        save(tmp)
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(tmp),
+            checkpoint_dir_name=checkpoint_dir_name(epoch, "_final"),
+        )
+
+
+def upload(local_dir: Path, names: tuple[str, ...], fs: pyarrow.fs.FileSystem, dest: str) -> None:
+    """Copy the files ``names`` of ``local_dir`` that exist to ``dest`` on the storage."""
+    for name in names:
+        source = local_dir / name
+        if source.is_file():
+            pyarrow.fs.copy_files(
+                str(source),
+                f"{dest}/{name}",
+                source_filesystem=pyarrow.fs.LocalFileSystem(),
+                destination_filesystem=fs,
+            )
+
+
+def latest_state(
+    fs: pyarrow.fs.FileSystem, run_dir: str, filename: str, load: Callable[[Path], dict]
+) -> tuple[dict[str, Any], str] | None:
+    """The newest readable checkpoint (``filename``) of a Train run directory, and its path.
+
+    Scans the checkpoint directories on the storage itself rather than trusting only Ray
+    Train's registry, so a checkpoint that was written just before a crash (but not yet
+    registered) is not lost, and a truncated or corrupt newest one falls back to the one
+    before it (with a warning naming the file).
+    """
+    selector = pyarrow.fs.FileSelector(run_dir, allow_not_found=True)
+    infos = fs.get_file_info(selector)
+    dirs = [i.base_name for i in infos if i.type == pyarrow.fs.FileType.Directory]
+    names = sorted(dirs, reverse=True)  # checkpoint_epoch_<epoch>: the newest first
+    for name in names:
+        if not name.startswith("checkpoint_"):
+            continue
+        path = f"{run_dir}/{name}/{filename}"
+        if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
+            continue
+        with tempfile.TemporaryDirectory(prefix="maenas-load-") as tmp:
+            local = Path(tmp) / filename
+            try:
+                pyarrow.fs.copy_files(
+                    path, str(local), source_filesystem=fs,
+                    destination_filesystem=pyarrow.fs.LocalFileSystem(),
+                )  # fmt: skip
+                return load(local), path
+            except (OSError, ValueError) as err:
+                warnings.warn(f"skipping checkpoint {path}: {err}", stacklevel=2)
+    return None
+
+
+def run_config(
+    name: str, storage_path: str, fs: pyarrow.fs.FileSystem, keep: int, callbacks: list
+) -> ray.train.RunConfig:
+    """The Train run ``<storage_path>/<name>``: no Train-level retries (the caller decides)."""
+    return ray.train.RunConfig(
+        name=name,
+        storage_path=storage_path,
+        storage_filesystem=fs,
+        callbacks=callbacks,
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep),
+        failure_config=ray.train.FailureConfig(max_failures=0),
+        # progress is printed by the callers; Train's per-report INFO lines would repeat it
+        logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+    )
+
+
+class ForwardReports(ray.train.UserCallback):
+    """Runs in the Train controller: passes rank 0's metrics and checkpoint to the driver.
+
+    With a checkpoint it waits until the driver has reported it to Tune (which copies it
+    into the trial's checkpoint directory), so Train's ``num_to_keep`` pruning can never
+    delete a checkpoint before Tune has its copy.
+    """
+
+    def __init__(self) -> None:
+        self.reports = Queue(actor_options={"num_cpus": 0})
+        self.copied = Queue(actor_options={"num_cpus": 0})
+
+    def after_report(self, run_context: Any, metrics: list[dict], checkpoint: Any) -> None:
+        self.reports.put((metrics[0], checkpoint))
+        if checkpoint is not None:
+            try:
+                self.copied.get(timeout=COPY_TIMEOUT_S)
+            except Empty:
+                warnings.warn(
+                    f"Tune did not take the checkpoint {checkpoint.path} within "
+                    f"{COPY_TIMEOUT_S:.0f} s; going on",
+                    stacklevel=2,
+                )
+
+    def fit_and_report_to_tune(
+        self, trainer: Any, transform: Callable[[dict], dict] = lambda m: m
+    ) -> None:
+        """Run ``trainer.fit()`` and report each of its epochs to Ray Tune (this must be
+        the trainer's callback); re-raises the job's error."""
+        errors: std_queue.Queue[BaseException] = std_queue.Queue()
+
+        def fit() -> None:
+            try:
+                trainer.fit()
+            except BaseException as err:  # re-raised below, in the Tune trial
+                errors.put(err)
+
+        thread = threading.Thread(target=fit, name="train-job", daemon=True)
+        thread.start()
+        while thread.is_alive() or not self.reports.empty():
+            try:
+                metrics, checkpoint = self.reports.get(timeout=1.0)
+            except Empty:
+                continue
+            if checkpoint is None:
+                ray.tune.report(transform(metrics))
+                continue
+            try:  # Tune copies the checkpoint into the trial's checkpoint_<n> directory
+                tune_checkpoint = ray.tune.Checkpoint(checkpoint.path, checkpoint.filesystem)
+                ray.tune.report(transform(metrics), checkpoint=tune_checkpoint)
+            finally:
+                self.copied.put(True)
+        thread.join()
+        if not errors.empty():
+            raise errors.get()

@@ -1,0 +1,158 @@
+"""``python -m maenas_ray.retrain``: supervised retraining of genotypes as Ray Train jobs.
+
+The genotype is a JSON file, a published name (``DARTS_V2``), or the ``--top K`` of a sweep
+``--experiment``. Each retraining is data parallel over ``--num-workers`` workers (DDP:
+NCCL with ``--use-gpu``, gloo on CPUs) with the ``retrain`` recipe of the config (DESIGN
+§1.6), writes a checkpoint every epoch to ``<storage-path>/<name>``, and resumes from it
+when run again with the same storage path and name. Prints parameters, multiply-adds at
+the input size and the final held-out accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from maenas_ray.config import Config, ConfigError, load_config
+from maenas_ray.space import PUBLISHED, Genotype
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m maenas_ray.retrain", description=__doc__)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--genotype", help=f"a genotype JSON file or one of {', '.join(PUBLISHED)}")
+    which.add_argument("--experiment", help="a sweep experiment directory (with --top)")
+    p.add_argument("--top", type=int, default=1, help="retrain the K best genotypes (--experiment)")
+    p.add_argument("--config", type=Path, help="YAML config (data and retrain sections)")
+    p.add_argument("--num-workers", type=int, help="Ray Train workers (retrain.num_workers)")
+    p.add_argument("--use-gpu", action="store_true", help="one GPU per worker (retrain.use_gpu)")
+    p.add_argument("--storage-path", help="where the runs go (storage_path)")
+    p.add_argument("--name", help="run name (default: retrain-<genotype>); reuse it to resume")
+    p.add_argument("--address", help="connect to a running Ray cluster (e.g. auto)")
+    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray started without --address")
+    p.add_argument("--no-dashboard", action="store_true", help="local Ray without the dashboard")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config key, e.g. --set retrain.epochs=100 (repeatable)",
+    )  # fmt: skip
+    return p
+
+
+class UsageError(ValueError):
+    """A command-line problem found before Ray starts."""
+
+
+def read_genotype(spec: str) -> tuple[str, Genotype]:
+    """``spec`` is a published name or a JSON file; returns (label, genotype)."""
+    if spec in PUBLISHED:
+        return spec, PUBLISHED[spec]
+    path = Path(spec)
+    if not path.is_file():
+        raise UsageError(
+            f"--genotype {spec!r}: neither a file nor a published genotype ({', '.join(PUBLISHED)})"
+        )
+    try:
+        return path.stem, Genotype.from_json(path.read_text())
+    except ValueError as err:
+        raise UsageError(f"--genotype {spec!r}: {err}") from None
+
+
+def top_genotypes(experiment: str, k: int) -> tuple[Config, list[tuple[str, Genotype]]]:
+    """The sweep's config and its ``k`` best genotypes (by its objective), labelled."""
+    import ray.tune
+
+    from maenas_ray.orchestration import experiment as ex
+
+    exp = ex.resolve_storage(experiment)
+    if not exp.exists(ex.CONFIG_FILE):
+        raise UsageError(
+            f"--experiment {experiment!r}: not a sweep experiment (no {ex.CONFIG_FILE})"
+        )
+    cfg = ex.load_sweep_config(exp)
+    results = ray.tune.Tuner.restore(exp.uri, ex.trainable(cfg)).get_results()
+    rows = [
+        r for r in ex.leaderboard(cfg, results) if r.genotype is not None and r.status != "ERROR"
+    ]
+    if not rows:
+        raise UsageError(f"--experiment {experiment!r}: no trial has a genotype yet")
+    name = exp.path.rstrip("/").rsplit("/", 1)[-1]
+    return cfg, [(f"{name}-top{i}-{r.trial}", r.genotype) for i, r in enumerate(rows[:k], 1)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from maenas_ray.orchestration.experiment import StorageError, check_writable, resolve_storage
+
+    args = _parser().parse_args(argv)
+    overrides = list(args.overrides)
+    if args.num_workers is not None:
+        overrides.append(f"retrain.num_workers={args.num_workers}")
+    if args.use_gpu:
+        overrides.append("retrain.use_gpu=true")
+    try:
+        if args.top < 1:
+            raise UsageError(f"--top {args.top}: must be >= 1")
+        if args.experiment:
+            sweep_cfg, jobs = top_genotypes(args.experiment, args.top)
+            cfg = load_config(args.config, overrides) if args.config else None
+            if cfg is None:
+                from maenas_ray.config import apply_overrides, config_from_dict
+
+                cfg = config_from_dict(apply_overrides(sweep_cfg.to_dict(), overrides))
+        else:
+            cfg = load_config(args.config, overrides)
+            jobs = [read_genotype(args.genotype)]
+        if args.name and len(jobs) > 1:
+            raise UsageError("--name names one run; leave it out with --top > 1")
+
+        storage = resolve_storage(args.storage_path or cfg.storage_path)
+        check_writable(storage)
+    except (ConfigError, UsageError, StorageError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return _run(args, cfg, storage, jobs)
+
+
+def _run(args: argparse.Namespace, cfg: Config, storage, jobs: list[tuple[str, Genotype]]) -> int:
+    import ray
+
+    from maenas_ray.orchestration.experiment import start_ray
+    from maenas_ray.orchestration.retrain_job import retrain_trainer
+
+    try:
+        dashboard = start_ray(args.address, args.num_cpus, not args.no_dashboard)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        print(f"error: cannot start or reach Ray: {err}", file=sys.stderr)
+        return 2
+    if dashboard:
+        print(f"Ray dashboard: {dashboard}", flush=True)
+    failed = 0
+    try:
+        for label, genotype in jobs:
+            name = args.name or f"retrain-{label}"
+            run = storage.experiment(name)
+            print(f"retraining {label} -> {run.uri}\n  {genotype!r}", flush=True)
+            trainer = retrain_trainer(
+                cfg, genotype, storage_path=storage.path, name=name, filesystem=storage.fs
+            )
+            try:
+                result = trainer.fit()
+            except Exception as err:  # the job's error, named; the other jobs go on
+                print(f"error: retraining {label} failed: {err}", file=sys.stderr)
+                failed += 1
+                continue
+            m = result.metrics or {}
+            print(
+                f"{label}: {m.get('parameters', 0):,} parameters, "
+                f"{m.get('macs', 0) / 1e6:.1f}M multiply-adds, epoch {m.get('epoch')}: "
+                f"top-1 {m.get('top1', float('nan')):.4f}, top-5 {m.get('top5', float('nan')):.4f}",
+                flush=True,
+            )
+    finally:
+        if not args.address:
+            ray.shutdown()
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
