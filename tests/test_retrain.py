@@ -190,7 +190,7 @@ def test_sweep_with_the_proxy_objective_ranks_by_proxy_top1(tmp_path, capsys, mo
         trial = Path(r.path)
         assert (trial / "fault-injected-retrain-exit@1").is_file()
         assert r.metrics["proxy_epoch"] == 2 and r.metrics["epoch"] == 1  # search + proxy
-        search_ckpts = glob.glob(str(trial / "search" / "checkpoint_*"))
+        search_ckpts = glob.glob(str(trial / "search" / "checkpoint_epoch_*"))
         assert len(search_ckpts) == 1  # the search ran once: the restart skipped it
         proxy = sorted(
             load_retrain_state(p)["epoch"]
