@@ -201,6 +201,8 @@ class RetrainConfig:
     proxy_epochs: int = 10
     proxy_channels: int = 16
     proxy_layers: int = 8
+    #: the proxy is scored on this last part of the training images, not on the test set
+    proxy_val_fraction: float = 0.1
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     seed: int = 0
@@ -238,6 +240,14 @@ class RetrainConfig:
             _fail("retrain.label_smoothing", self.label_smoothing, "must be in [0, 1)")
         if self.cutout < 0:
             _fail("retrain.cutout", self.cutout, "must be >= 0 (0 = off)")
+        if not 0.0 < self.proxy_val_fraction < 1.0:
+            _fail("retrain.proxy_val_fraction", self.proxy_val_fraction, "must be in (0, 1)")
+        if self.eval_images is not None and self.eval_images < self.num_workers:
+            _fail(
+                "retrain.eval_images",
+                self.eval_images,
+                f"must be >= retrain.num_workers ({self.num_workers}): one per worker at least",
+            )
         if self.batch_size % self.num_workers:
             _fail(
                 "retrain.batch_size",
@@ -413,6 +423,7 @@ class Config:
                     self.retrain.batch_size,
                     f"must be divisible by the {workers} Ray Train workers of a trial",
                 )
+            self._check_proxy_network()
         tuned_masks = sorted({"mask_ratio", "patch_size"} & set(self.space))
         if self.objective.metric in ("val_loss", "val_psnr") and tuned_masks:
             _fail(
@@ -479,6 +490,20 @@ class Config:
             except ConfigError as err:
                 point = ", ".join(f"{k}={v!r}" for k, v in combo)
                 raise ConfigError(f"space: the trial point {point} is invalid: {err}") from None
+
+    def _check_proxy_network(self) -> None:
+        """The proxy network can be built at this image size (e.g. its auxiliary head)."""
+        from maenas_ray.space import PUBLISHED, build_network
+
+        r = self.retrain
+        try:
+            build_network(
+                PUBLISHED["DARTS_V2"], "custom", channels=r.proxy_channels,
+                layers=r.proxy_layers, auxiliary=r.auxiliary and r.auxiliary_weight > 0,
+                num_classes=2, image_size=self.data.image_size,
+            )  # fmt: skip
+        except ValueError as err:
+            _fail("retrain.auxiliary", r.auxiliary, f"the proxy network: {err}")
 
     def _check_workers(self) -> None:
         workers = self.tune.workers()

@@ -11,6 +11,9 @@ the input size and the final held-out accuracy.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import math
+import re
 import sys
 from pathlib import Path
 
@@ -43,6 +46,11 @@ class UsageError(ValueError):
     """A command-line problem found before Ray starts."""
 
 
+def genotype_id(genotype: Genotype) -> str:
+    """A short stable id of a genotype (run names of different genotypes never collide)."""
+    return hashlib.sha1(genotype.to_json().encode()).hexdigest()[:8]
+
+
 def read_genotype(spec: str) -> tuple[str, Genotype]:
     """``spec`` is a published name or a JSON file; returns (label, genotype)."""
     if spec in PUBLISHED:
@@ -70,10 +78,16 @@ def top_genotypes(experiment: str, k: int) -> tuple[Config, list[tuple[str, Geno
             f"--experiment {experiment!r}: not a sweep experiment (no {ex.CONFIG_FILE})"
         )
     cfg = ex.load_sweep_config(exp)
-    results = ray.tune.Tuner.restore(exp.uri, ex.trainable(cfg)).get_results()
+    try:
+        results = ray.tune.Tuner.restore(exp.uri, ex.trainable(cfg)).get_results()
+    except Exception as err:  # Tune raises several types for a missing or broken state
+        raise UsageError(f"--experiment {experiment!r}: Ray Tune cannot open it ({err})") from None
     rows = [
-        r for r in ex.leaderboard(cfg, results) if r.genotype is not None and r.status != "ERROR"
-    ]
+        r
+        for r in ex.leaderboard(cfg, results)
+        if r.genotype is not None and r.status != "ERROR"
+        and r.score is not None and math.isfinite(r.score)
+    ]  # fmt: skip
     if not rows:
         raise UsageError(f"--experiment {experiment!r}: no trial has a genotype yet")
     name = exp.path.rstrip("/").rsplit("/", 1)[-1]
@@ -104,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             jobs = [read_genotype(args.genotype)]
         if args.name and len(jobs) > 1:
             raise UsageError("--name names one run; leave it out with --top > 1")
+        if args.name and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", args.name):
+            raise UsageError(f"--name {args.name!r}: letters, digits, '.', '_' and '-' only")
 
         storage = resolve_storage(args.storage_path or cfg.storage_path)
         check_writable(storage)
@@ -129,7 +145,7 @@ def _run(args: argparse.Namespace, cfg: Config, storage, jobs: list[tuple[str, G
     failed = 0
     try:
         for label, genotype in jobs:
-            name = args.name or f"retrain-{label}"
+            name = args.name or f"retrain-{label}-{genotype_id(genotype)}"
             run = storage.experiment(name)
             print(f"retraining {label} -> {run.uri}\n  {genotype!r}", flush=True)
             trainer = retrain_trainer(

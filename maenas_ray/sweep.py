@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import time
 from pathlib import Path
@@ -180,7 +181,14 @@ def _run(args: argparse.Namespace, cfg: Config, storage, name: str) -> int:
     rows = ex.leaderboard(cfg, results)
     print()
     print(ex.format_leaderboard(cfg, rows))
-    best = next((r for r in rows if r.status != "ERROR" and r.genotype is not None), None)
+    best = next(
+        (
+            r for r in rows
+            if r.status != "ERROR" and r.genotype is not None
+            and r.score is not None and math.isfinite(r.score)
+        ),
+        None,
+    )  # fmt: skip
     if best is not None:
         print(f"\nbest genotype ({cfg.objective.metric} = {best.score:.4g}, trial {best.trial}):")
         print(repr(best.genotype))

@@ -91,6 +91,39 @@ def test_retrain_learns_the_synthetic_task_and_resumes_exactly(tmp_path):
     assert resumed.metrics["top1"] == m["top1"] and resumed.metrics["test_loss"] == m["test_loss"]
 
 
+def test_the_proxy_is_scored_on_held_out_training_images_not_the_test_split():
+    cfg = tiny(epochs=1, proxy_epochs=1, proxy_channels=8, proxy_layers=5)
+    proxy = run_retrain(cfg, PUBLISHED["DARTS_V2"], proxy=True).metrics
+    assert proxy["held_out_images"] == 51  # 10% of the 512 training images
+    full = run_retrain(cfg, PUBLISHED["DARTS_V2"]).metrics
+    assert full["held_out_images"] == 102  # the synthetic test split (fewer than eval_images)
+
+
+def test_the_dataloader_path_trains_and_resumes(tmp_path):
+    changes = {"data": {"loader": "workers", "num_workers": 0},
+               "retrain": {"epochs": 2, "steps_per_epoch": 4}}  # fmt: skip
+    cfg = config_from_dict(merge(TINY, changes))
+    with pytest.raises(KeyboardInterrupt):
+        run_retrain(cfg, PUBLISHED["DARTS_V2"], Crash(tmp_path, after=1))
+    resumed = run_retrain(cfg, PUBLISHED["DARTS_V2"], resume_from=tmp_path)
+    assert [m["epoch"] for m in resumed.history] == [1, 2]
+    assert 0.0 <= resumed.metrics["top1"] <= resumed.metrics["top5"] <= 1.0
+    assert resumed.metrics["steps"] == 4
+
+
+def test_leaderboard_ranks_unscored_and_errored_trials_last():
+    from maenas_ray.orchestration.experiment import Row, rank_rows
+
+    def row(name, score, status="done"):
+        return Row(name, status, {}, score, 0, None, name)
+
+    rows = [row("a", 0.5), row("nan", float("nan"), "stopped@1"), row("b", 0.9),
+            row("none", None), row("err", 0.99, "ERROR"), row("c", 0.7)]  # fmt: skip
+    assert [r.trial for r in rank_rows(rows, "max")][:3] == ["b", "c", "a"]
+    assert [r.trial for r in rank_rows(rows, "min")][:3] == ["a", "c", "b"]
+    assert {r.trial for r in rank_rows(rows, "max")[3:]} == {"nan", "none", "err"}
+
+
 def test_a_checkpoint_of_another_run_is_refused(tmp_path):
     from maenas_ray.engines import CheckpointMismatchError
 
@@ -109,11 +142,25 @@ def test_a_checkpoint_of_another_run_is_refused(tmp_path):
         (["retrain.num_workers=5"], r"retrain.batch_size = 96: must be divisible by retrain"),
         (["retrain.label_smoothing=-0.1"], r"retrain.label_smoothing = -0.1: must be in"),
         (["retrain.layers=2"], r"retrain.layers = 2: must be >= 3"),
+        (["retrain.eval_images=1", "retrain.num_workers=2"],
+         r"retrain.eval_images = 1: must be >= retrain.num_workers \(2\)"),
+        (["retrain.proxy_val_fraction=0"], r"retrain.proxy_val_fraction = 0.0: must be in"),
     ],
-)
+)  # fmt: skip
 def test_retrain_config_errors(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, overrides)
+
+
+def test_a_proxy_network_that_cannot_be_built_is_a_sweep_config_error():
+    overrides = ["data.image_size=16", "search.patch_size=4", "space={mask_ratio: {choice: [0.5]}}"]
+    with pytest.raises(ConfigError, match=r"retrain.auxiliary = True: the proxy network: .*"
+                       r"auxiliary head needs a larger input"):  # fmt: skip
+        load_config(None, overrides, sweep=True)
+    load_config(None, [*overrides, "retrain.auxiliary=false"], sweep=True)
+    with pytest.raises(ConfigError, match=r"tune.scheduler = 'asha': stops trials on search"):
+        load_config(None, [*overrides, "retrain.auxiliary=false", "tune.scheduler=asha"],
+                    sweep=True)  # fmt: skip
 
 
 def test_cli_bad_genotypes_fail_before_ray_starts(tmp_path, capsys):
@@ -203,4 +250,5 @@ def test_sweep_with_the_proxy_objective_ranks_by_proxy_top1(tmp_path, capsys, mo
     assert rows[0].path == best.path
     assert f"best genotype (proxy_top1 = {scores[0]:.4g}" in out
     _, top = top_genotypes(str(experiment), 2)
-    assert [g for _, g in top] == [Genotype.from_json(r.metrics["genotype"]) for r in rows]
+    assert [g for _, g in top] == [r.genotype for r in rows]
+    assert rows[0].genotype == Genotype.from_json(best.metrics["genotype"])

@@ -151,7 +151,14 @@ def test_max_concurrent_trials_follows_the_cluster():
 def test_asha_stops_on_epoch_rungs():
     assert ex.scheduler(load_config(None, sweep=True)) is None  # fifo
     cfg = load_config(
-        None, ["tune.scheduler=asha", "tune.grace_period=5", "search.epochs=20"], sweep=True
+        None,
+        [
+            "tune.scheduler=asha",
+            "tune.grace_period=5",
+            "search.epochs=20",
+            "objective.metric=eval_loss",
+        ],
+        sweep=True,
     )
     asha = ex.scheduler(cfg)
     assert isinstance(asha, ray.tune.schedulers.AsyncHyperBandScheduler)

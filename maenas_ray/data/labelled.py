@@ -179,14 +179,25 @@ def retrain_data(
     eval_images: int | None = None,
     shard: tuple[int, int] = (0, 1),
     datasets: tuple[ImageDataset, ImageDataset] | None = None,
+    validation_fraction: float = 0.0,
 ) -> RetrainData:
-    """Training batches (all training images, up to ``data.max_images``) and held-out
-    chunks (the test / val split, up to ``eval_images``). ``batch_size`` is global."""
+    """Training batches (the training images, up to ``data.max_images``) and held-out
+    chunks (the test / val split, up to ``eval_images``). ``batch_size`` is global.
+
+    ``validation_fraction > 0`` holds out the last part of the training images instead
+    of the test split (a proxy objective that tunes on it must not see the test set).
+    """
     train, test = datasets if datasets is not None else (
         build_dataset(cfg, train=True), build_dataset(cfg, train=False)
     )  # fmt: skip
     n_train = len(train) if cfg.max_images is None else min(cfg.max_images, len(train))
-    n_test = len(test) if eval_images is None else min(eval_images, len(test))
+    test_offset = 0
+    if validation_fraction > 0:
+        n_val = max(1, int(n_train * validation_fraction))
+        n_train, test, test_offset = n_train - n_val, train, n_train - n_val
+        n_test = n_val if eval_images is None else min(eval_images, n_val)
+    else:
+        n_test = len(test) if eval_images is None else min(eval_images, len(test))
     if n_train < batch_size:
         raise ValueError(
             f"{n_train} training images are fewer than retrain.batch_size={batch_size}"
@@ -201,14 +212,16 @@ def retrain_data(
     if loader == "device":
         assert train.images is not None and test.images is not None
         train_labels = torch.tensor([train.label(i) for i in range(n_train)])
-        test_labels = torch.tensor([test.label(i) for i in range(n_test)])
+        test_range = range(test_offset, test_offset + n_test)
+        test_labels = torch.tensor([test.label(i) for i in test_range])
         train_batches = LabelledDeviceBatches(
             train.images[:n_train].to(device), train_labels, mean, std, batch_size,
             cfg.augment, cutout_size, generator, shard,
         )  # fmt: skip
         held_out = HeldOutChunks(
-            test.images[:n_test].to(device), test_labels, mean, std, batch_size, shard
-        )
+            test.images[test_offset : test_offset + n_test].to(device), test_labels, mean, std,
+            batch_size, shard,
+        )  # fmt: skip
         return RetrainData(train_batches, held_out, train.num_classes, n_train, n_test)
     pin = device.type == "cuda"
     augmented = image_transforms(train, cfg.image_size, cfg.augment)
@@ -223,7 +236,7 @@ def retrain_data(
         generator=generator,
         persistent_workers=cfg.num_workers > 0,
     )
-    held_view = _Labelled(test, list(range(n_test)), plain, 0)
+    held_view = _Labelled(test, list(range(test_offset, test_offset + n_test)), plain, 0)
     held_loader = DataLoader(
         held_view,
         batch_sampler=_HeldOutShares(n_test, batch_size, shard),

@@ -70,7 +70,7 @@ def build_retrain_network(cfg: Config, genotype: Genotype, plan: RetrainPlan, nu
             data.dataset if known else "custom",
             channels=plan.channels,
             layers=plan.layers,
-            auxiliary=r.auxiliary,
+            auxiliary=r.auxiliary and r.auxiliary_weight > 0,  # DDP: no unused head
             drop_path=r.drop_path,
             num_classes=None if known else num_classes,
             image_size=None if known else data.image_size,
@@ -133,6 +133,7 @@ class _Retrain:
         self.data: RetrainData = retrain_data(
             cfg.data, r.batch_size, self.device, self.data_gen, cutout_size=r.cutout,
             eval_images=r.eval_images, shard=(self.rank, self.world), datasets=datasets,
+            validation_fraction=r.proxy_val_fraction if proxy else 0.0,
         )  # fmt: skip
         torch.manual_seed(r.seed)
         self.net = build_retrain_network(cfg, genotype, self.plan, self.data.num_classes)
@@ -201,6 +202,9 @@ class _Retrain:
 
     def run_epoch(self) -> dict[str, Any]:
         r = self.cfg.retrain
+        # drop-path masks (and worker-path augmentation) draw from the global RNGs: seeded
+        # per epoch and rank, so ranks differ and a resumed run draws the same (CPU, CUDA)
+        torch.manual_seed(r.seed + 1_000_003 * (self.epoch + 1) + 7919 * self.rank)
         self.net.drop_path_prob = r.drop_path * self.epoch / self.plan.epochs
         self.model.train()
         steps = len(self.data.train)
@@ -245,6 +249,7 @@ class _Retrain:
             "epoch_time": elapsed,
             "parameters": self.parameters,
             "macs": self.macs,
+            "held_out_images": self.data.held_out_images,
         }
         self.history.append(metrics)
         return metrics
@@ -283,7 +288,9 @@ def run_retrain(
     ``proxy=True`` trains the smaller proxy network for ``retrain.proxy_epochs`` (a sweep's
     objective). Callbacks get an :class:`EpochReport` after every epoch (metrics: epoch,
     train_loss, train_top1, test_loss, top1, top5, lr, drop_path, steps, images_per_sec,
-    epoch_time, parameters, macs; ``save_checkpoint(dir)`` writes ``retrain_state.pt``).
+    epoch_time, parameters, macs, held_out_images; ``save_checkpoint(dir)`` writes
+    ``retrain_state.pt``). The proxy is scored on the last ``retrain.proxy_val_fraction``
+    of the training images (held out from its training), never on the test split.
     ``datasets`` replaces the configured (train, held-out) datasets (tests).
     """
     if callbacks is None:

@@ -328,9 +328,19 @@ def leaderboard(cfg: Config, results: ray.tune.ResultGrid) -> list[Row]:
                 path=result.path,
             )
         )
+    return rank_rows(rows, mode)
+
+
+def rank_rows(rows: list[Row], mode: str) -> list[Row]:
+    """Best score first; errored rows and rows without a score (None or NaN, e.g. a trial
+    still searching before its proxy retrain) last."""
     sign = 1 if mode == "min" else -1
-    rows.sort(key=lambda r: (r.score is None or r.status == "ERROR", sign * (r.score or 0.0)))
-    return rows
+
+    def key(r: Row) -> tuple[bool, float]:
+        missing = r.score is None or not math.isfinite(r.score) or r.status == "ERROR"
+        return missing, 0.0 if missing else sign * float(r.score)  # type: ignore[arg-type]
+
+    return sorted(rows, key=key)
 
 
 def format_leaderboard(cfg: Config, rows: list[Row]) -> str:

@@ -48,8 +48,9 @@ PROXY_RUN = "proxy"
 DRIVER_CPU = 0.01
 #: The search's final metrics (JSON), written with the artifacts: the stage is done.
 SEARCH_RESULT = "search_result.json"
-#: Files every finished search writes into its trial directory.
-ARTIFACTS = ("genotype.json", SEARCH_RESULT, "reconstruction.png", "alphas.png", "cells.png")
+#: Files every finished search writes into its trial directory; the result last, as it
+#: marks the stage done.
+ARTIFACTS = ("genotype.json", "reconstruction.png", "alphas.png", "cells.png", SEARCH_RESULT)
 
 
 def worker_resources(cfg: Config) -> dict[str, float]:
