@@ -133,7 +133,10 @@ def search_trial(params: dict[str, Any], base: dict[str, Any]) -> None:
         placeholder = {cfg.objective.metric: float("nan")} if proxy else {}
         forward.fit_and_report_to_tune(trainer, lambda m: {**m, **placeholder})
         search = _read_json(fs, f"{trial_dir}/{SEARCH_RESULT}")
-        assert search is not None, "the search job ended without writing its result"
+        if search is None:
+            raise RuntimeError(f"the search job ended without writing {trial_dir}/{SEARCH_RESULT}")
+    elif not proxy:  # finished before this restart: its final result once more, for Tune
+        ray.tune.report(search)
     if not proxy:
         return
     from maenas_ray.orchestration.retrain_job import retrain_trainer
