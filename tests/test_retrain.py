@@ -249,6 +249,9 @@ def test_sweep_with_the_proxy_objective_ranks_by_proxy_top1(tmp_path, capsys, mo
     best = results.get_best_result(metric="proxy_top1", mode="max")
     assert rows[0].path == best.path
     assert f"best genotype (proxy_top1 = {scores[0]:.4g}" in out
+    from maenas_ray.results import load_experiment
+
+    assert load_experiment(str(experiment)).best()[0][2].path == best.path
     _, top = top_genotypes(str(experiment), 2)
     assert [g for _, g in top] == [r.genotype for r in rows]
     assert rows[0].genotype == Genotype.from_json(best.metrics["genotype"])

@@ -308,6 +308,19 @@ def test_sweep_runs_trials_that_open_with_tune_and_optuna(tmp_path, capsys):
     assert first_row.startswith("1 ") and Path(best.path).name.removeprefix("trial_") in first_row
     saved = yaml.safe_load((experiment / ex.CONFIG_FILE).read_text())
     assert saved["name"] == "it" and saved["tune"]["num_samples"] == 3
+    # read back without Ray: the same best genotype as Ray Tune's own ResultGrid
+    from maenas_ray.genotypes import main as genotypes
+    from maenas_ray.results import load_experiment
+
+    exp = load_experiment(str(experiment))
+    assert len(exp.trials()) == 3 and {t.status for t in exp.trials()} == {"done"}
+    ((genotype, score, trial),) = exp.best()
+    assert genotype == best_genotype and score == best.metrics["eval_loss"]
+    assert trial.path == best.path
+    assert genotypes([str(experiment), "--format", "parquet", "--out", str(tmp_path / "t.pq")]) == 0
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(tmp_path / "t.pq").num_rows == len(results)
 
 
 def test_a_trial_runs_data_parallel_over_two_workers(tmp_path, capsys):

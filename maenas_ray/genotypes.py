@@ -1,0 +1,143 @@
+"""``python -m maenas_ray.genotypes PATH``: the best genotypes of a sweep experiment.
+
+Reads the experiment directory (local, NFS, ``s3://`` or ``gs://``; no Ray cluster
+needed, a running experiment is fine) and prints its ``--top K`` genotypes by the sweep's
+objective or ``--metric`` / ``--mode``:
+
+- ``json``: one genotype per line, each loadable by ``Genotype.from_json``;
+- ``python``: ``Genotype(...)`` lines to paste into code;
+- ``table``: a leaderboard of every trial;
+- ``parquet``: one row per trial (tuned parameters, final metrics, genotype JSON, status)
+  written to ``--out``, readable by pandas or duckdb.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from maenas_ray.results import Experiment, ExperimentError, Trial, load_experiment
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m maenas_ray.genotypes", description=__doc__)
+    p.add_argument("path", help="the experiment directory: <storage_path>/<name>")
+    p.add_argument("--top", type=int, default=1, help="how many genotypes (default 1)")
+    p.add_argument("--metric", help="rank by this metric (default: the sweep's objective)")
+    p.add_argument("--mode", choices=["min", "max"], help="min or max (default: the metric's)")
+    p.add_argument(
+        "--format", default="json", choices=["json", "python", "table", "parquet"],
+        help="output format (default json)",
+    )  # fmt: skip
+    p.add_argument("--out", help="write to this file (needed for parquet) instead of stdout")
+    return p
+
+
+def _flat(prefix: str, tree: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(f"{prefix}{key}.", value))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def trial_rows(exp: Experiment) -> list[dict[str, Any]]:
+    """One flat row per trial: id, status, tuned parameters, final numeric metrics,
+    genotype JSON, error and directory."""
+    rows = []
+    for t in exp.trials():
+        row: dict[str, Any] = {"trial_id": t.trial_id, "status": t.status}
+        row.update(_flat("param.", t.params))
+        row.update(
+            {
+                f"metric.{k}": float(v)
+                for k, v in t.metrics.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)
+            }
+        )
+        row["genotype"] = t.genotype.to_json() if t.genotype else None
+        row["error"] = t.error
+        row["path"] = t.path
+        rows.append(row)
+    return rows
+
+
+def _table(exp: Experiment, metric: str, ranked: list[Trial]) -> str:
+    params = sorted({k for t in exp.trials() for k in _flat("", t.params)})
+    others = [t for t in exp.trials() if t not in ranked]
+    header = ["rank", "trial", "status", *params, metric, "skips", "genotype"]
+    lines = [header]
+    for i, t in enumerate([*ranked, *others], 1):
+        flat = _flat("", t.params)
+        score = t.score(metric)
+        lines.append(
+            [
+                str(i) if t in ranked else "-",
+                t.trial_id,
+                t.status,
+                *[_fmt(flat.get(p)) for p in params],
+                _fmt(score),
+                _fmt(t.metrics.get("skip_count")),
+                t.genotype.summary() if t.genotype else "-",
+            ]
+        )
+    widths = [max(len(row[c]) for row in lines) for c in range(len(header) - 1)]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row[:-1], widths, strict=True)) + "  " + row[-1]
+        for row in lines
+    )
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.top < 1:
+            raise ExperimentError(f"--top {args.top}: must be >= 1")
+        if args.format == "parquet" and not args.out:
+            raise ExperimentError("--format parquet writes a file: give --out FILE.parquet")
+        exp = load_experiment(args.path)
+        metric = args.metric or exp.config.objective.metric
+        if args.format == "parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            rows = trial_rows(exp)
+            if not rows:
+                raise ExperimentError(f"{exp.uri} has no trials yet")
+            pq.write_table(pa.Table.from_pylist(rows), args.out)
+            print(f"wrote {len(rows)} trials to {args.out}", file=sys.stderr)
+            return 0
+        best = exp.best(
+            args.top if args.format != "table" else len(exp.trials()), metric, args.mode
+        )
+    except ExperimentError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.format == "json":
+        text = "\n".join(g.to_json() for g, _, _ in best)
+    elif args.format == "python":
+        text = "\n".join(
+            f"# trial {t.trial_id}: {metric} = {s:.6g}\nTOP{i} = {g!r}"
+            for i, (g, s, t) in enumerate(best, 1)
+        )
+    else:
+        text = _table(exp, metric, [t for _, _, t in best])
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""Reading sweep experiments without Ray: trials, their metrics and genotypes, the best.
+
+``load_experiment(path)`` opens ``<storage_path>/<name>`` on a local or NFS path, ``s3://``
+or ``gs://`` (through ``pyarrow.fs``; no Ray cluster needed) and reads what Ray Tune and the
+trials wrote there: ``sweep_config.yaml``, each ``trial_<id>/params.json`` (the tuned
+values), ``result.json`` (one line per report; the last one is the trial's result),
+``genotype.json`` and ``error.txt``. A running experiment (half-written trials) and
+errored trials are read as they are: listed, never a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow.fs
+
+from maenas_ray.config import Config, ConfigError
+from maenas_ray.space import Genotype
+from maenas_ray.storage import StorageError, resolve_storage
+
+CONFIG_FILE = "sweep_config.yaml"
+
+
+class ExperimentError(ValueError):
+    """The path is not a readable sweep experiment, or a query does not fit it."""
+
+
+@dataclass
+class Trial:
+    """One trial as its directory shows it."""
+
+    trial_id: str
+    path: str  # the trial directory, inside the experiment's filesystem
+    params: dict[str, Any]  # the tuned values, e.g. {"search": {"mask_ratio": 0.6}}
+    metrics: dict[str, Any]  # the last reported result; {} before the first report
+    status: str  # "done", "running" (or interrupted / stopped early), "error"
+    error: str | None = None
+    genotype: Genotype | None = None
+    history: list[dict[str, Any]] = field(default_factory=list, repr=False)
+
+    def score(self, metric: str) -> float | None:
+        """The trial's last value of ``metric``; None when absent or not a number."""
+        value = self.metrics.get(metric)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None
+        return float(value) if math.isfinite(value) else None
+
+
+@dataclass
+class Experiment:
+    uri: str
+    fs: pyarrow.fs.FileSystem
+    path: str
+    config: Config
+    _trials: list[Trial]
+
+    @property
+    def name(self) -> str:
+        return self.path.rstrip("/").rsplit("/", 1)[-1]
+
+    def trials(self) -> list[Trial]:
+        return list(self._trials)
+
+    def metrics(self) -> list[str]:
+        """The numeric metrics the trials report."""
+        names = {
+            k for t in self._trials for k, v in t.metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }  # fmt: skip
+        return sorted(names)
+
+    def best(
+        self, k: int = 1, metric: str | None = None, mode: str | None = None
+    ) -> list[tuple[Genotype, float, Trial]]:
+        """The ``k`` best trials with a genotype by their last ``metric`` (default: the
+        sweep's objective), best first, as (genotype, score, trial)."""
+        from maenas_ray.engines import OBJECTIVES
+
+        metric = metric or self.config.objective.metric
+        if mode is None:
+            own = metric == self.config.objective.metric
+            mode = self.config.objective.resolved_mode() if own else OBJECTIVES.get(metric)
+        if metric not in self.metrics():
+            known = ", ".join(self.metrics()) or "none yet"
+            raise ExperimentError(f"unknown metric {metric!r}; the trials report: {known}")
+        if mode not in ("min", "max"):
+            raise ExperimentError(
+                f"mode = {mode!r}: metric {metric!r} has no natural direction; give min or max "
+                "(--mode)"
+            )
+        scored = [
+            (t.genotype, t.score(metric), t)
+            for t in self._trials
+            if t.status != "error" and t.genotype is not None and t.score(metric) is not None
+        ]
+        if not scored:
+            raise ExperimentError(f"no trial of {self.uri} has a genotype and a {metric} yet")
+        scored.sort(key=lambda g: g[1] if mode == "min" else -g[1])  # type: ignore[operator]
+        return scored[:k]  # type: ignore[return-value]
+
+
+def _read(fs: pyarrow.fs.FileSystem, path: str) -> str | None:
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read().decode()
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def _json_lines(text: str | None) -> list[dict[str, Any]]:
+    rows = []
+    for line in (text or "").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # the line a running trial is still writing
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def load_experiment(path: str, filesystem: pyarrow.fs.FileSystem | None = None) -> Experiment:
+    """Open a sweep experiment directory (local, NFS, ``s3://``, ``gs://``), or ``path``
+    inside ``filesystem`` (any ``pyarrow.fs`` filesystem) when one is given."""
+    import yaml
+
+    from maenas_ray.config import config_from_dict
+
+    if filesystem is not None:
+        uri, fs, root = path, filesystem, path.rstrip("/")
+    else:
+        try:
+            storage = resolve_storage(path)
+        except StorageError as err:
+            raise ExperimentError(str(err)) from None
+        uri, fs, root = storage.uri, storage.fs, storage.path
+    info = fs.get_file_info(root)
+    if info.type != pyarrow.fs.FileType.Directory:
+        raise ExperimentError(f"{uri!r} is not a directory (expected a sweep experiment)")
+    text = _read(fs, f"{root}/{CONFIG_FILE}")
+    if text is None:
+        raise ExperimentError(
+            f"{uri!r} is not a sweep experiment: no {CONFIG_FILE} (expected "
+            "<storage_path>/<name> of python -m maenas_ray.sweep)"
+        )
+    try:
+        config = config_from_dict(yaml.safe_load(text))
+    except (ConfigError, yaml.YAMLError) as err:
+        raise ExperimentError(f"{uri}/{CONFIG_FILE}: {err}") from None
+    epochs = config.search.epochs
+    proxy = config.objective.metric.startswith("proxy_")
+    trials = []
+    entries = fs.get_file_info(pyarrow.fs.FileSelector(root))
+    for entry in sorted(entries, key=lambda e: e.base_name):
+        if entry.type != pyarrow.fs.FileType.Directory or not entry.base_name.startswith("trial_"):
+            continue
+        tdir = f"{root}/{entry.base_name}"
+        params_text = _read(fs, f"{tdir}/params.json")
+        try:
+            params = json.loads(params_text) if params_text else {}
+        except json.JSONDecodeError:
+            params = {}
+        history = _json_lines(_read(fs, f"{tdir}/result.json"))
+        metrics = history[-1] if history else {}
+        error = _read(fs, f"{tdir}/error.txt")
+        genotype = None
+        genotype_text = _read(fs, f"{tdir}/genotype.json") or metrics.get("genotype")
+        if genotype_text:
+            try:
+                genotype = Genotype.from_json(genotype_text)
+            except ValueError:
+                genotype = None
+        trial_epochs = params.get("search", {}).get("epochs", epochs)
+        done = metrics.get("epoch") == trial_epochs
+        if proxy:
+            done = done and metrics.get("proxy_epoch") == config.retrain.proxy_epochs
+        status = "error" if error else "done" if done else "running"
+        trials.append(
+            Trial(
+                trial_id=str(metrics.get("trial_id") or entry.base_name.removeprefix("trial_")),
+                path=tdir,
+                params=params,
+                metrics=metrics,
+                status=status,
+                error=error.strip().splitlines()[-1] if error and error.strip() else None,
+                genotype=genotype,
+                history=history,
+            )
+        )
+    return Experiment(uri, fs, root, config, trials)
