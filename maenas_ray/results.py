@@ -110,6 +110,11 @@ def _read(fs: pyarrow.fs.FileSystem, path: str) -> str | None:
         return None
 
 
+def _mtime(fs: pyarrow.fs.FileSystem, path: str) -> float:
+    info = fs.get_file_info(path)
+    return info.mtime.timestamp() if info.mtime is not None else 0.0
+
+
 def _json_lines(text: str | None) -> list[dict[str, Any]]:
     rows = []
     for line in (text or "").splitlines():
@@ -177,7 +182,14 @@ def load_experiment(path: str, filesystem: pyarrow.fs.FileSystem | None = None) 
         done = metrics.get("epoch") == trial_epochs
         if proxy:
             done = done and metrics.get("proxy_epoch") == config.retrain.proxy_epochs
-        status = "error" if error else "done" if done else "running"
+        # Tune keeps error.txt after a restarted trial recovers: an error counts only when
+        # nothing was reported after it
+        errored = (
+            bool(error)
+            and not done
+            and _mtime(fs, f"{tdir}/error.txt") >= _mtime(fs, f"{tdir}/result.json")
+        )
+        status = "done" if done else "error" if errored else "running"
         trials.append(
             Trial(
                 trial_id=str(metrics.get("trial_id") or entry.base_name.removeprefix("trial_")),
@@ -185,7 +197,7 @@ def load_experiment(path: str, filesystem: pyarrow.fs.FileSystem | None = None) 
                 params=params,
                 metrics=metrics,
                 status=status,
-                error=error.strip().splitlines()[-1] if error and error.strip() else None,
+                error=error.strip().splitlines()[-1] if errored and error.strip() else None,
                 genotype=genotype,
                 history=history,
             )

@@ -6,6 +6,7 @@ here the edge cases: a running trial, an errored one, an empty experiment, bad i
 """
 
 import json
+import os
 
 import pyarrow.fs
 import pyarrow.parquet as pq
@@ -46,6 +47,11 @@ def test_running_errored_and_done_trials_are_read_as_they_are(tmp_path):
         ("fresh", [], ""),
     ])  # fmt: skip
     (root / "trial_broken" / "error.txt").write_text("Traceback ...\nFloatingPointError: nan\n")
+    # a trial that failed once and was restarted: Tune keeps its error.txt
+    (root / "trial_done" / "error.txt").write_text("WorkerGroupError\n")
+    os.utime(root / "trial_done" / "error.txt", (1, 1))  # older than its results
+    (root / "trial_running" / "error.txt").write_text("WorkerGroupError\n")
+    os.utime(root / "trial_running" / "error.txt", (1, 1))  # restarted, reporting again
     exp = load_experiment(str(root))
     status = {t.trial_id: t.status for t in exp.trials()}
     assert status == {"done": "done", "running": "running", "broken": "error", "fresh": "running"}
