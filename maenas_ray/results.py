@@ -127,6 +127,17 @@ def _json_lines(text: str | None) -> list[dict[str, Any]]:
     return rows
 
 
+def trial_done(config: Config, params: dict[str, Any], metrics: dict[str, Any]) -> bool:
+    """Whether a trial's last result is its final one: the search ran all its epochs (a
+    tuned ``search.epochs`` in ``params`` counts) and, for a proxy objective, the proxy
+    retrain too."""
+    epochs = params.get("search", {}).get("epochs", config.search.epochs)
+    done = metrics.get("epoch") == epochs
+    if config.objective.metric.startswith("proxy_"):
+        done = done and metrics.get("proxy_epoch") == config.retrain.proxy_epochs
+    return done
+
+
 def load_experiment(path: str, filesystem: pyarrow.fs.FileSystem | None = None) -> Experiment:
     """Open a sweep experiment directory (local, NFS, ``s3://``, ``gs://``), or ``path``
     inside ``filesystem`` (any ``pyarrow.fs`` filesystem) when one is given."""
@@ -155,8 +166,6 @@ def load_experiment(path: str, filesystem: pyarrow.fs.FileSystem | None = None) 
         config = config_from_dict(yaml.safe_load(text))
     except (ConfigError, yaml.YAMLError) as err:
         raise ExperimentError(f"{uri}/{CONFIG_FILE}: {err}") from None
-    epochs = config.search.epochs
-    proxy = config.objective.metric.startswith("proxy_")
     trials = []
     entries = fs.get_file_info(pyarrow.fs.FileSelector(root))
     for entry in sorted(entries, key=lambda e: e.base_name):
@@ -178,10 +187,7 @@ def load_experiment(path: str, filesystem: pyarrow.fs.FileSystem | None = None) 
                 genotype = Genotype.from_json(genotype_text)
             except ValueError:
                 genotype = None
-        trial_epochs = params.get("search", {}).get("epochs", epochs)
-        done = metrics.get("epoch") == trial_epochs
-        if proxy:
-            done = done and metrics.get("proxy_epoch") == config.retrain.proxy_epochs
+        done = trial_done(config, params, metrics)
         # Tune keeps error.txt after a restarted trial recovers: an error counts only when
         # nothing was reported after it
         errored = (

@@ -17,6 +17,7 @@ import re
 import sys
 from pathlib import Path
 
+from maenas_ray.cli import UsageError, add_ray_arguments, connect_ray
 from maenas_ray.config import Config, ConfigError, load_config
 from maenas_ray.space import PUBLISHED, Genotype
 
@@ -32,18 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--use-gpu", action="store_true", help="one GPU per worker (retrain.use_gpu)")
     p.add_argument("--storage-path", help="where the runs go (storage_path)")
     p.add_argument("--name", help="run name (default: retrain-<genotype>); reuse it to resume")
-    p.add_argument("--address", help="connect to a running Ray cluster (e.g. auto)")
-    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray started without --address")
-    p.add_argument("--no-dashboard", action="store_true", help="local Ray without the dashboard")
-    p.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override a config key, e.g. --set retrain.epochs=100 (repeatable)",
-    )  # fmt: skip
+    add_ray_arguments(p, "retrain.epochs=100")
     return p
-
-
-class UsageError(ValueError):
-    """A command-line problem found before Ray starts."""
 
 
 def genotype_id(genotype: Genotype) -> str:
@@ -132,16 +123,10 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace, cfg: Config, storage, jobs: list[tuple[str, Genotype]]) -> int:
     import ray
 
-    from maenas_ray.orchestration.experiment import start_ray
     from maenas_ray.orchestration.retrain_job import retrain_trainer
 
-    try:
-        dashboard = start_ray(args.address, args.num_cpus, not args.no_dashboard)
-    except (ConnectionError, RuntimeError, ValueError) as err:
-        print(f"error: cannot start or reach Ray: {err}", file=sys.stderr)
+    if not connect_ray(args):
         return 2
-    if dashboard:
-        print(f"Ray dashboard: {dashboard}", flush=True)
     failed = 0
     try:
         for label, genotype in jobs:

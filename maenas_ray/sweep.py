@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from maenas_ray.cli import UsageError, add_ray_arguments, connect_ray
 from maenas_ray.config import Config, ConfigError, load_config
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "tune_configs" / "quickstart.yaml"
@@ -34,18 +35,8 @@ def _parser() -> argparse.ArgumentParser:
         help="continue the experiment --name (default: the newest one of this config) "
         "with the config it started with",
     )  # fmt: skip
-    p.add_argument("--address", help="connect to a running Ray cluster (e.g. auto)")
-    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray started without --address")
-    p.add_argument("--no-dashboard", action="store_true", help="local Ray without the dashboard")
-    p.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override a config key, e.g. --set tune.num_samples=16 (repeatable)",
-    )  # fmt: skip
+    add_ray_arguments(p, "tune.num_samples=16")
     return p
-
-
-class UsageError(ValueError):
-    """A command-line or config problem found before Ray starts."""
 
 
 def _fresh(args: argparse.Namespace):  # -> (Config, Storage, name)
@@ -147,16 +138,8 @@ def _run(args: argparse.Namespace, cfg: Config, storage, name: str) -> int:
     from maenas_ray.orchestration import experiment as ex
 
     exp = storage.experiment(name)
-    try:
-        dashboard = ex.start_ray(args.address, args.num_cpus, not args.no_dashboard)
-    except (ConnectionError, RuntimeError, ValueError) as err:
-        where = f"the Ray cluster at --address {args.address}" if args.address else "a local Ray"
-        print(f"error: cannot start or reach {where}: {err}", file=sys.stderr)
+    if not connect_ray(args):
         return 2
-    if args.address:
-        print(f"connected to the Ray cluster at {args.address}", flush=True)
-    if dashboard:
-        print(f"Ray dashboard: {dashboard}", flush=True)
     try:
         if args.resume:
             print(f"resuming {exp.uri}", flush=True)

@@ -19,10 +19,10 @@ from torch.utils.data import DataLoader, RandomSampler
 from maenas_ray.config import DataConfig
 from maenas_ray.data.datasets import ImageDataset, build_dataset
 from maenas_ray.data.loaders import (
+    DeviceBatches,
     ShardedBatches,
     image_transforms,
     normalize,
-    random_crop_flip,
     seed_worker,
 )
 
@@ -50,8 +50,8 @@ def cutout(images: torch.Tensor, size: int, generator: torch.Generator) -> torch
     return images * keep[:, None].to(images.dtype)
 
 
-class LabelledDeviceBatches:
-    """Shuffled, augmented training batches from uint8 images resident on the device."""
+class LabelledDeviceBatches(DeviceBatches):
+    """:class:`DeviceBatches` with their labels, and cutout after normalisation."""
 
     def __init__(
         self,
@@ -65,24 +65,11 @@ class LabelledDeviceBatches:
         generator: torch.Generator,
         shard: tuple[int, int] = (0, 1),
     ) -> None:
-        self.images, self.labels = images, labels.to(images.device)
-        self.mean, self.std = mean.to(images.device), std.to(images.device)
-        self.batch_size, self.augment, self.cutout = batch_size, augment, cutout_size
-        self.padding = images.shape[-1] // 8
-        self.generator = generator
-        self.rank, self.world = shard
+        super().__init__(images, mean, std, batch_size, augment, generator, shard)
+        self.labels, self.cutout = labels.to(images.device), cutout_size
 
-    def __len__(self) -> int:
-        return self.images.shape[0] // self.batch_size
-
-    def __iter__(self) -> Iterator[Batch]:
-        order = torch.randperm(self.images.shape[0], generator=self.generator)
-        order = order.to(self.images.device)
-        for k in range(len(self)):
-            idx = order[k * self.batch_size : (k + 1) * self.batch_size]
-            x = self.images[idx]
-            if self.augment:  # the global batch: the same draws on every rank
-                x = random_crop_flip(x, self.padding, self.generator)
+    def __iter__(self) -> Iterator[Batch]:  # type: ignore[override]
+        for idx, x in self.global_batches():
             x = normalize(x, self.mean, self.std)
             if self.augment:
                 x = cutout(x, self.cutout, self.generator)

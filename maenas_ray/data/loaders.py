@@ -79,13 +79,20 @@ class DeviceBatches:
     def __len__(self) -> int:
         return self.images.shape[0] // self.batch_size
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
+    def global_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One shuffled pass: (indices, cropped and flipped uint8 images) of each global
+        batch; the augmentation is drawn for the whole batch, the same on every rank."""
         order = torch.randperm(self.images.shape[0], generator=self.generator)
         order = order.to(self.images.device)
         for k in range(len(self)):
-            x = self.images[order[k * self.batch_size : (k + 1) * self.batch_size]]
-            if self.augment:  # the global batch: the same random draws on every rank
+            idx = order[k * self.batch_size : (k + 1) * self.batch_size]
+            x = self.images[idx]
+            if self.augment:
                 x = random_crop_flip(x, self.padding, self.generator)
+            yield idx, x
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for _, x in self.global_batches():
             yield normalize(x[self.rank :: self.world], self.mean, self.std)
 
     def head(self, n: int) -> torch.Tensor:

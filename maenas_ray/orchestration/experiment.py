@@ -30,12 +30,12 @@ from maenas_ray.config import (
     numeric_type,
 )
 from maenas_ray.orchestration.search_job import DRIVER_CPU, search_trial
+from maenas_ray.results import CONFIG_FILE, trial_done
 from maenas_ray.space import Genotype
 from maenas_ray.storage import Storage, StorageError, check_writable, resolve_storage
 
 __all__ = ["Storage", "StorageError", "check_writable", "resolve_storage"]  # re-exported
 
-CONFIG_FILE = "sweep_config.yaml"
 STUDY_JOURNAL = "optuna.journal"
 
 
@@ -244,13 +244,9 @@ def leaderboard(cfg: Config, results: ray.tune.ResultGrid) -> list[Row]:
         m = result.metrics or {}
         config = result.config or {}
         genotype = Genotype.from_json(m["genotype"]) if "genotype" in m else None
-        epochs = config.get("search", {}).get("epochs", cfg.search.epochs)
-        done = m.get("epoch") == epochs
-        if metric.startswith("proxy_"):
-            done = done and m.get("proxy_epoch") == cfg.retrain.proxy_epochs
         if result.error:
             status = "ERROR"
-        elif done:
+        elif trial_done(cfg, config, m):
             status = "done"
         else:  # stopped early by the scheduler, or interrupted
             status = f"stopped@{m.get('epoch', 0)}"
