@@ -17,7 +17,7 @@ import argparse
 import sys
 from typing import Any
 
-from maenas_ray.results import Experiment, ExperimentError, Trial, load_experiment
+from maenas_ray.results import Experiment, ExperimentError, load_experiment
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -65,22 +65,30 @@ def trial_rows(exp: Experiment) -> list[dict[str, Any]]:
     return rows
 
 
-def _table(exp: Experiment, metric: str, ranked: list[Trial]) -> str:
-    params = sorted({k for t in exp.trials() for k in _flat("", t.params)})
-    others = [t for t in exp.trials() if t not in ranked]
-    header = ["rank", "trial", "status", *params, metric, "skips", "genotype"]
+def leaderboard(exp: Experiment, metric: str | None = None, mode: str | None = None) -> str:
+    """Every trial as a plain-text table, best ``metric`` (default: the objective) first:
+    rank, trial, tuned parameters, metric, skip count, status (``unfinished@<epoch>``
+    while running, interrupted or stopped early) and genotype summary. Trials without a
+    score (not reported yet, NaN, errored) come last without a rank."""
+    metric = metric or exp.config.objective.metric
+    try:
+        ranked = [t for _, _, t in exp.best(len(exp.trials()), metric, mode)]
+    except ExperimentError:  # nothing scored yet
+        ranked = []
+    tuned = list(exp.config.space)
+    header = ["rank", "trial", *tuned, metric, "skips", "status", "genotype"]
     lines = [header]
+    others = [t for t in exp.trials() if t not in ranked]
     for i, t in enumerate([*ranked, *others], 1):
-        flat = _flat("", t.params)
-        score = t.score(metric)
+        status = t.status if t.status != "unfinished" else f"unfinished@{t.metrics.get('epoch', 0)}"
         lines.append(
             [
                 str(i) if t in ranked else "-",
                 t.trial_id,
-                t.status,
-                *[_fmt(flat.get(p)) for p in params],
-                _fmt(score),
+                *[_fmt(t.params.get("search", {}).get(k)) for k in tuned],
+                _fmt(t.score(metric)),
                 _fmt(t.metrics.get("skip_count")),
+                status,
                 t.genotype.summary() if t.genotype else "-",
             ]
         )
@@ -105,7 +113,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.format == "parquet" and not args.out:
             raise ExperimentError("--format parquet writes a file: give --out FILE.parquet")
         exp = load_experiment(args.path)
-        metric = args.metric or exp.config.objective.metric
         if args.format == "parquet":
             import pyarrow as pa
             import pyarrow.parquet as pq
@@ -116,9 +123,11 @@ def main(argv: list[str] | None = None) -> int:
             pq.write_table(pa.Table.from_pylist(rows), args.out)
             print(f"wrote {len(rows)} trials to {args.out}", file=sys.stderr)
             return 0
-        best = exp.best(
-            args.top if args.format != "table" else len(exp.trials()), metric, args.mode
-        )
+        metric, mode = exp.resolve_metric(args.metric, args.mode)
+        if args.format == "table":
+            text = leaderboard(exp, metric, mode)
+        else:
+            best = exp.best(args.top, metric, mode)
     except ExperimentError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -129,8 +138,6 @@ def main(argv: list[str] | None = None) -> int:
             f"# trial {t.trial_id}: {metric} = {s:.6g}\nTOP{i} = {g!r}"
             for i, (g, s, t) in enumerate(best, 1)
         )
-    else:
-        text = _table(exp, metric, [t for _, _, t in best])
     if args.out:
         with open(args.out, "w") as f:
             f.write(text + "\n")

@@ -4,7 +4,8 @@
 or ``gs://`` (through ``pyarrow.fs``; no Ray cluster needed) and reads what Ray Tune and the
 trials wrote there: ``sweep_config.yaml``, each ``trial_<id>/params.json`` (the tuned
 values), ``result.json`` (one line per report; the last one is the trial's result),
-``genotype.json`` and ``error.txt``. A running experiment (half-written trials) and
+``genotype.json`` and ``error.txt``, and the Optuna study (``optuna.journal`` or the
+configured ``tune.study_storage`` URL). A running experiment (half-written trials) and
 errored trials are read as they are: listed, never a crash.
 """
 
@@ -12,8 +13,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import tempfile
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow.fs
 
@@ -21,7 +24,12 @@ from maenas_ray.config import Config, ConfigError
 from maenas_ray.space import Genotype
 from maenas_ray.storage import StorageError, resolve_storage
 
+if TYPE_CHECKING:
+    import optuna
+
 CONFIG_FILE = "sweep_config.yaml"
+#: the Optuna study of a sweep on local or NFS storage (study name = experiment name)
+STUDY_JOURNAL = "optuna.journal"
 
 
 class ExperimentError(ValueError):
@@ -36,7 +44,7 @@ class Trial:
     path: str  # the trial directory, inside the experiment's filesystem
     params: dict[str, Any]  # the tuned values, e.g. {"search": {"mask_ratio": 0.6}}
     metrics: dict[str, Any]  # the last reported result; {} before the first report
-    status: str  # "done", "running" (or interrupted / stopped early), "error"
+    status: str  # "done", "unfinished" (running, interrupted or stopped early), "error"
     error: str | None = None
     genotype: Genotype | None = None
     history: list[dict[str, Any]] = field(default_factory=list, repr=False)
@@ -72,11 +80,37 @@ class Experiment:
         }  # fmt: skip
         return sorted(names)
 
-    def best(
-        self, k: int = 1, metric: str | None = None, mode: str | None = None
-    ) -> list[tuple[Genotype, float, Trial]]:
-        """The ``k`` best trials with a genotype by their last ``metric`` (default: the
-        sweep's objective), best first, as (genotype, score, trial)."""
+    def study(self) -> optuna.Study | None:
+        """A read-only copy (in memory) of the sweep's Optuna study: from the configured
+        ``tune.study_storage`` URL, else from ``optuna.journal`` in the experiment
+        directory; None when the study lived in Ray's memory only (object storage
+        without a study URL) or nothing was written yet."""
+        import optuna
+        from optuna.storages import InMemoryStorage, JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+
+        with tempfile.TemporaryDirectory() as tmp:
+            source: Any = self.config.tune.study_storage
+            if source is None:
+                journal = _read_bytes(self.fs, f"{self.path}/{STUDY_JOURNAL}")
+                if not journal:
+                    return None
+                # a local copy: nothing is written next to the sweep's own journal (the
+                # file backend creates lock files), and remote journals read the same
+                copy = os.path.join(tmp, STUDY_JOURNAL)
+                with open(copy, "wb") as f:
+                    f.write(journal)
+                source = JournalStorage(JournalFileBackend(copy))
+            if self.name not in optuna.get_all_study_names(source):
+                return None
+            memory = InMemoryStorage()
+            optuna.copy_study(from_study_name=self.name, from_storage=source, to_storage=memory)
+        return optuna.load_study(study_name=self.name, storage=memory)
+
+    def resolve_metric(self, metric: str | None = None, mode: str | None = None) -> tuple[str, str]:
+        """``metric`` (default: the sweep's objective) and its ``mode`` (default: the
+        objective's mode, else the metric's natural direction), checked against what the
+        trials report."""
         from maenas_ray.engines import OBJECTIVES
 
         metric = metric or self.config.objective.metric
@@ -91,6 +125,16 @@ class Experiment:
                 f"mode = {mode!r}: metric {metric!r} has no natural direction; give min or max "
                 "(--mode)"
             )
+        return metric, mode
+
+    def best(
+        self, k: int = 1, metric: str | None = None, mode: str | None = None
+    ) -> list[tuple[Genotype, float, Trial]]:
+        """The ``k`` best trials with a genotype by their last ``metric`` (default: the
+        sweep's objective), best first, as (genotype, score, trial). Errored trials and
+        scores that are missing or not finite (a trial still searching before its proxy
+        retrain reports NaN) never rank."""
+        metric, mode = self.resolve_metric(metric, mode)
         scored = [
             (t.genotype, t.score(metric), t)
             for t in self._trials
@@ -102,12 +146,17 @@ class Experiment:
         return scored[:k]  # type: ignore[return-value]
 
 
-def _read(fs: pyarrow.fs.FileSystem, path: str) -> str | None:
+def _read_bytes(fs: pyarrow.fs.FileSystem, path: str) -> bytes | None:
     try:
         with fs.open_input_stream(path) as f:
-            return f.read().decode()
+            return f.read()
     except (FileNotFoundError, OSError):
         return None
+
+
+def _read(fs: pyarrow.fs.FileSystem, path: str) -> str | None:
+    data = _read_bytes(fs, path)
+    return None if data is None else data.decode()
 
 
 def _mtime(fs: pyarrow.fs.FileSystem, path: str) -> float:
@@ -195,7 +244,7 @@ def load_experiment(path: str, filesystem: pyarrow.fs.FileSystem | None = None) 
             and not done
             and _mtime(fs, f"{tdir}/error.txt") >= _mtime(fs, f"{tdir}/result.json")
         )
-        status = "done" if done else "error" if errored else "running"
+        status = "done" if done else "error" if errored else "unfinished"
         trials.append(
             Trial(
                 trial_id=str(metrics.get("trial_id") or entry.base_name.removeprefix("trial_")),

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import math
 import re
 import sys
 from pathlib import Path
@@ -59,30 +58,15 @@ def read_genotype(spec: str) -> tuple[str, Genotype]:
 
 def top_genotypes(experiment: str, k: int) -> tuple[Config, list[tuple[str, Genotype]]]:
     """The sweep's config and its ``k`` best genotypes (by its objective), labelled."""
-    import ray.tune
+    from maenas_ray.results import ExperimentError, load_experiment
 
-    from maenas_ray.orchestration import experiment as ex
-
-    exp = ex.resolve_storage(experiment)
-    if not exp.exists(ex.CONFIG_FILE):
-        raise UsageError(
-            f"--experiment {experiment!r}: not a sweep experiment (no {ex.CONFIG_FILE})"
-        )
-    cfg = ex.load_sweep_config(exp)
     try:
-        results = ray.tune.Tuner.restore(exp.uri, ex.trainable(cfg)).get_results()
-    except Exception as err:  # Tune raises several types for a missing or broken state
-        raise UsageError(f"--experiment {experiment!r}: Ray Tune cannot open it ({err})") from None
-    rows = [
-        r
-        for r in ex.leaderboard(cfg, results)
-        if r.genotype is not None and r.status != "ERROR"
-        and r.score is not None and math.isfinite(r.score)
-    ]  # fmt: skip
-    if not rows:
-        raise UsageError(f"--experiment {experiment!r}: no trial has a genotype yet")
-    name = exp.path.rstrip("/").rsplit("/", 1)[-1]
-    return cfg, [(f"{name}-top{i}-{r.trial}", r.genotype) for i, r in enumerate(rows[:k], 1)]
+        exp = load_experiment(experiment)
+        best = exp.best(k)
+    except ExperimentError as err:
+        raise UsageError(f"--experiment {experiment!r}: {err}") from None
+    labels = [f"{exp.name}-top{i}-{t.trial_id}" for i, (_, _, t) in enumerate(best, 1)]
+    return exp.config, [(label, g) for label, (g, _, _) in zip(labels, best, strict=True)]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import sys
 import time
 from pathlib import Path
@@ -20,6 +19,8 @@ import yaml
 
 from maenas_ray.cli import UsageError, add_ray_arguments, connect_ray
 from maenas_ray.config import Config, ConfigError, load_config
+from maenas_ray.results import STUDY_JOURNAL, ExperimentError, load_experiment
+from maenas_ray.storage import Storage
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "tune_configs" / "quickstart.yaml"
 
@@ -161,26 +162,35 @@ def _run(args: argparse.Namespace, cfg: Config, storage, name: str) -> int:
     finally:
         if not args.address:
             ray.shutdown()
-    rows = ex.leaderboard(cfg, results)
+    return _summary(cfg, exp, results.errors)
+
+
+def _summary(cfg: Config, exp: Storage, errors: list) -> int:
+    """The leaderboard, the best genotype and where things are, read back from storage."""
+    from maenas_ray.genotypes import leaderboard
+
+    try:
+        experiment = load_experiment(exp.uri)
+    except ExperimentError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     print()
-    print(ex.format_leaderboard(cfg, rows))
-    best = next(
-        (
-            r for r in rows
-            if r.status != "ERROR" and r.genotype is not None
-            and r.score is not None and math.isfinite(r.score)
-        ),
-        None,
-    )  # fmt: skip
-    if best is not None:
-        print(f"\nbest genotype ({cfg.objective.metric} = {best.score:.4g}, trial {best.trial}):")
-        print(repr(best.genotype))
+    print(leaderboard(experiment))
+    try:
+        ((genotype, score, trial),) = experiment.best()
+    except ExperimentError:
+        pass  # no trial has a score yet: the table says so
+    else:
+        print(f"\nbest genotype ({cfg.objective.metric} = {score:.4g}, trial {trial.trial_id}):")
+        print(repr(genotype))
     print(f"\nexperiment: {exp.uri}  (trial directories hold genotype.json and pictures)")
     if exp.is_local and cfg.tune.study_storage is None:
-        print(f"Optuna study: optuna-dashboard {exp.join(ex.STUDY_JOURNAL)}")
-    errored = [r.trial for r in rows if r.status == "ERROR"]
-    if errored:
-        print(f"{len(errored)} trial(s) failed: {', '.join(errored)}; see their error.txt")
+        print(f"Optuna study: optuna-dashboard {exp.join(STUDY_JOURNAL)}")
+    print(f"report: python -m maenas_ray.report {exp.uri}")
+    errored = [t.trial_id for t in experiment.trials() if t.status == "error"]
+    if errors or errored:
+        failed = ", ".join(errored) or f"{len(errors)} trial(s)"
+        print(f"{max(len(errored), len(errors))} trial(s) failed: {failed}; see their error.txt")
         return 1
     return 0
 

@@ -29,8 +29,10 @@ from maenas_ray.space.ops import PRIMITIVES
 __all__ = [
     "denormalize",
     "edge_labels",
+    "new_figure",
     "save_alpha_heatmaps",
     "save_cell_drawings",
+    "save_figure",
     "save_reconstruction_grid",
     "state_name",
 ]
@@ -40,13 +42,15 @@ PathLike = str | os.PathLike
 _ROW_NAMES = ("original", "masked", "reconstruction")
 
 
-def _new_figure(figsize: tuple[float, float], layout: str | None = "constrained") -> Figure:
+def new_figure(figsize: tuple[float, float], layout: str | None = "constrained") -> Figure:
+    """A figure on its own Agg canvas (no pyplot, no display)."""
     fig = Figure(figsize=figsize, dpi=100, layout=layout)
     FigureCanvasAgg(fig)
     return fig
 
 
-def _save(fig: Figure, path: PathLike) -> Path:
+def save_figure(fig: Figure, path: PathLike) -> Path:
+    """Write ``fig`` as a PNG on a white background, creating the parent directory."""
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, format="png", facecolor="white")
@@ -109,7 +113,7 @@ def save_reconstruction_grid(
     height, width = original.shape[-2:]
     tile = 1.6
     aspect = height / width
-    fig = _new_figure((tile * n + 0.6, tile * aspect * 3 + (0.5 if title else 0.1)))
+    fig = new_figure((tile * n + 0.6, tile * aspect * 3 + (0.5 if title else 0.1)))
     axes = fig.subplots(3, n, squeeze=False)
     for r, (name, batch) in enumerate(zip(_ROW_NAMES, images, strict=True)):
         for c in range(n):
@@ -121,7 +125,7 @@ def save_reconstruction_grid(
                 ax.set_ylabel(name, fontsize=11)
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------- alphas
@@ -150,7 +154,7 @@ def save_alpha_heatmaps(
         weights.append(torch.softmax(a, dim=-1).numpy())
     vmax = max(float(w.max()) for w in weights)
 
-    fig = _new_figure((2.0 + 1.5 * len(primitives), 7.2 if title else 6.8))
+    fig = new_figure((2.0 + 1.5 * len(primitives), 7.2 if title else 6.8))
     axes = fig.subplots(1, 2, sharey=True)
     image = None
     for ax, w, cell in zip(axes, weights, ("normal cell", "reduce cell"), strict=True):
@@ -171,7 +175,7 @@ def save_alpha_heatmaps(
     fig.colorbar(image, ax=list(axes), shrink=0.8, label="softmax(α)")
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------- cells
@@ -301,10 +305,10 @@ def _draw_cell(
 
 def save_cell_drawings(path: PathLike, genotype: Genotype, *, title: str | None = None) -> Path:
     """Save drawings of the genotype's normal and reduction cell side by side."""
-    fig = _new_figure((16.0, 5.4 if title else 5.0))
+    fig = new_figure((16.0, 5.4 if title else 5.0))
     axes = fig.subplots(1, 2)
     _draw_cell(axes[0], genotype.normal, genotype.normal_concat, "normal cell")
     _draw_cell(axes[1], genotype.reduce, genotype.reduce_concat, "reduce cell")
     if title:
         fig.suptitle(title, fontsize=14)
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -54,7 +54,9 @@ def test_running_errored_and_done_trials_are_read_as_they_are(tmp_path):
     os.utime(root / "trial_running" / "error.txt", (1, 1))  # restarted, reporting again
     exp = load_experiment(str(root))
     status = {t.trial_id: t.status for t in exp.trials()}
-    assert status == {"done": "done", "running": "running", "broken": "error", "fresh": "running"}
+    assert status == {
+        "done": "done", "running": "unfinished", "broken": "error", "fresh": "unfinished"
+    }  # fmt: skip
     assert {t.trial_id: t.error for t in exp.trials()}["broken"] == "FloatingPointError: nan"
     best = exp.best(k=5)
     assert [t.trial_id for _, _, t in best] == ["running", "done"]  # errored never best
@@ -109,7 +111,17 @@ def test_formats(tmp_path, capsys):
     assert eval(out.splitlines()[1].split(" = ", 1)[1]) == PUBLISHED["DARTS_V2"]
     assert main([str(root), "--format", "table"]) == 0
     table = capsys.readouterr().out.splitlines()
-    assert table[0].split()[:3] == ["rank", "trial", "status"] and table[1].split()[1] == "b"
+    assert table[0].split()[:7] == [
+        "rank",
+        "trial",
+        "decoder_depth",
+        "mask_ratio",
+        "patch_size",
+        "eval_loss",
+        "skips",
+    ]  # fmt: skip  (the tuned keys in the order of the saved config)
+    assert table[1].split()[:7] == ["1", "b", "-", "0.5", "-", "0.2", "-"]
+    assert table[2].split()[:8] == ["2", "a", "-", "0.5", "-", "0.3", "-", "unfinished@1"]
     assert main([str(root), "--format", "parquet", "--out", str(tmp_path / "t.parquet")]) == 0
     data = pq.read_table(tmp_path / "t.parquet").to_pylist()
     assert [r["trial_id"] for r in data] == ["a", "b"]

@@ -111,19 +111,6 @@ def test_the_dataloader_path_trains_and_resumes(tmp_path):
     assert resumed.metrics["steps"] == 4
 
 
-def test_leaderboard_ranks_unscored_and_errored_trials_last():
-    from maenas_ray.orchestration.experiment import Row, rank_rows
-
-    def row(name, score, status="done"):
-        return Row(name, status, {}, score, 0, None, name)
-
-    rows = [row("a", 0.5), row("nan", float("nan"), "stopped@1"), row("b", 0.9),
-            row("none", None), row("err", 0.99, "ERROR"), row("c", 0.7)]  # fmt: skip
-    assert [r.trial for r in rank_rows(rows, "max")][:3] == ["b", "c", "a"]
-    assert [r.trial for r in rank_rows(rows, "min")][:3] == ["a", "c", "b"]
-    assert {r.trial for r in rank_rows(rows, "max")[3:]} == {"nan", "none", "err"}
-
-
 def test_a_checkpoint_of_another_run_is_refused(tmp_path):
     from maenas_ray.engines import CheckpointMismatchError
 
@@ -244,14 +231,13 @@ def test_sweep_with_the_proxy_objective_ranks_by_proxy_top1(tmp_path, capsys, mo
             for p in glob.glob(str(trial / "proxy" / "checkpoint_*" / "retrain_state.pt"))
         )
         assert proxy == [1, 2]
-    rows = ex.leaderboard(cfg, results)
-    assert [r.score for r in rows] == scores  # ranked by proxy_top1, best first
-    best = results.get_best_result(metric="proxy_top1", mode="max")
-    assert rows[0].path == best.path
-    assert f"best genotype (proxy_top1 = {scores[0]:.4g}" in out
     from maenas_ray.results import load_experiment
 
-    assert load_experiment(str(experiment)).best()[0][2].path == best.path
+    ranked = load_experiment(str(experiment)).best(2)
+    assert [s for _, s, _ in ranked] == scores  # ranked by proxy_top1, best first
+    best = results.get_best_result(metric="proxy_top1", mode="max")
+    assert ranked[0][2].path == best.path
+    assert ranked[0][0] == Genotype.from_json(best.metrics["genotype"])
+    assert f"best genotype (proxy_top1 = {scores[0]:.4g}" in out
     _, top = top_genotypes(str(experiment), 2)
-    assert [g for _, g in top] == [r.genotype for r in rows]
-    assert rows[0].genotype == Genotype.from_json(best.metrics["genotype"])
+    assert [g for _, g in top] == [g for g, _, _ in ranked]

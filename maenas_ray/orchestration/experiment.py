@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing
-from dataclasses import dataclass
 from typing import Any
 
 import optuna
@@ -30,13 +29,10 @@ from maenas_ray.config import (
     numeric_type,
 )
 from maenas_ray.orchestration.search_job import DRIVER_CPU, search_trial
-from maenas_ray.results import CONFIG_FILE, trial_done
-from maenas_ray.space import Genotype
+from maenas_ray.results import CONFIG_FILE, STUDY_JOURNAL
 from maenas_ray.storage import Storage, StorageError, check_writable, resolve_storage
 
 __all__ = ["Storage", "StorageError", "check_writable", "resolve_storage"]  # re-exported
-
-STUDY_JOURNAL = "optuna.journal"
 
 
 # --- the Tuner ------------------------------------------------------------------------
@@ -220,91 +216,3 @@ def load_sweep_config(experiment: Storage) -> Config:
 
 
 # --- results --------------------------------------------------------------------------
-
-
-@dataclass
-class Row:
-    """One trial in the leaderboard."""
-
-    trial: str
-    status: str
-    params: dict[str, Any]
-    score: float | None
-    skip_count: int | None
-    genotype: Genotype | None
-    path: str
-
-
-def leaderboard(cfg: Config, results: ray.tune.ResultGrid) -> list[Row]:
-    """Trials ranked by their last objective value, best first (as Ray Tune's
-    ``get_best_result``); errored and unscored trials last."""
-    metric, mode = cfg.objective.metric, cfg.objective.resolved_mode()
-    rows = []
-    for result in results:
-        m = result.metrics or {}
-        config = result.config or {}
-        genotype = Genotype.from_json(m["genotype"]) if "genotype" in m else None
-        if result.error:
-            status = "ERROR"
-        elif trial_done(cfg, config, m):
-            status = "done"
-        else:  # stopped early by the scheduler, or interrupted
-            status = f"stopped@{m.get('epoch', 0)}"
-        rows.append(
-            Row(
-                trial=str(m.get("trial_id") or result.path.rstrip("/").rsplit("/", 1)[-1]),
-                status=status,
-                params={k: config.get("search", {}).get(k) for k in cfg.space},
-                score=m.get(metric),
-                skip_count=m.get("skip_count"),
-                genotype=genotype,
-                path=result.path,
-            )
-        )
-    return rank_rows(rows, mode)
-
-
-def rank_rows(rows: list[Row], mode: str) -> list[Row]:
-    """Best score first; errored rows and rows without a score (None or NaN, e.g. a trial
-    still searching before its proxy retrain) last."""
-    sign = 1 if mode == "min" else -1
-
-    def key(r: Row) -> tuple[bool, float]:
-        missing = r.score is None or not math.isfinite(r.score) or r.status == "ERROR"
-        return missing, 0.0 if missing else sign * float(r.score)  # type: ignore[arg-type]
-
-    return sorted(rows, key=key)
-
-
-def format_leaderboard(cfg: Config, rows: list[Row]) -> str:
-    """A plain-text table: trial, tuned parameters, objective, skip count, genotype summary."""
-    metric = cfg.objective.metric
-    header = ["rank", "trial", *cfg.space, metric, "skips", "status", "genotype"]
-    table = [header]
-    for i, r in enumerate(rows, 1):
-        params = [_fmt(r.params.get(k)) for k in cfg.space]
-        table.append(
-            [
-                str(i),
-                r.trial,
-                *params,
-                _fmt(r.score),
-                _fmt(r.skip_count),
-                r.status,
-                r.genotype.summary() if r.genotype else "-",
-            ]
-        )
-    widths = [max(len(row[c]) for row in table) for c in range(len(header) - 1)]
-    lines = [
-        "  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths, strict=True)) + "  " + row[-1]
-        for row in table
-    ]
-    return "\n".join(lines)
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
