@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+#: Default of ``--storage-path`` (before the config's ``storage_path``): the cluster YAMLs
+#: set it on every node, so that a submitted sweep writes to the cluster's shared storage.
+STORAGE_ENV = "MAENAS_RAY_STORAGE_PATH"
 
 
 class UsageError(ValueError):
@@ -23,6 +28,11 @@ def add_ray_arguments(parser: argparse.ArgumentParser, set_example: str) -> None
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help=f"override a config key, e.g. --set {set_example} (repeatable)",
     )  # fmt: skip
+
+
+def storage_flag(args: argparse.Namespace) -> str | None:
+    """``--storage-path``, else ``$MAENAS_RAY_STORAGE_PATH``, else None (the config's)."""
+    return args.storage_path or os.environ.get(STORAGE_ENV) or None
 
 
 def connect_ray(args: argparse.Namespace) -> bool:

@@ -16,7 +16,7 @@ import re
 import sys
 from pathlib import Path
 
-from maenas_ray.cli import UsageError, add_ray_arguments, connect_ray
+from maenas_ray.cli import STORAGE_ENV, UsageError, add_ray_arguments, connect_ray, storage_flag
 from maenas_ray.config import Config, ConfigError, load_config
 from maenas_ray.space import PUBLISHED, Genotype
 
@@ -30,7 +30,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, help="YAML config (data and retrain sections)")
     p.add_argument("--num-workers", type=int, help="Ray Train workers (retrain.num_workers)")
     p.add_argument("--use-gpu", action="store_true", help="one GPU per worker (retrain.use_gpu)")
-    p.add_argument("--storage-path", help="where the runs go (storage_path)")
+    p.add_argument(
+        "--storage-path", help=f"where the runs go (default: ${STORAGE_ENV}, else storage_path)"
+    )
     p.add_argument("--name", help="run name (default: retrain-<genotype>); reuse it to resume")
     add_ray_arguments(p, "retrain.epochs=100")
     return p
@@ -96,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.name and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", args.name):
             raise UsageError(f"--name {args.name!r}: letters, digits, '.', '_' and '-' only")
 
-        storage = resolve_storage(args.storage_path or cfg.storage_path)
+        storage = resolve_storage(storage_flag(args) or cfg.storage_path)
         check_writable(storage)
     except (ConfigError, UsageError, StorageError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -107,12 +109,18 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace, cfg: Config, storage, jobs: list[tuple[str, Genotype]]) -> int:
     import ray
 
+    from maenas_ray.orchestration.experiment import StorageError, check_shared_storage
     from maenas_ray.orchestration.retrain_job import retrain_trainer
 
     if not connect_ray(args):
         return 2
     failed = 0
     try:
+        try:
+            check_shared_storage(storage)
+        except StorageError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         for label, genotype in jobs:
             name = args.name or f"retrain-{label}-{genotype_id(genotype)}"
             run = storage.experiment(name)

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import yaml
 
-from maenas_ray.cli import UsageError, add_ray_arguments, connect_ray
+from maenas_ray.cli import STORAGE_ENV, UsageError, add_ray_arguments, connect_ray, storage_flag
 from maenas_ray.config import Config, ConfigError, load_config
 from maenas_ray.results import STUDY_JOURNAL, ExperimentError, load_experiment
-from maenas_ray.storage import Storage
+from maenas_ray.storage import Storage, StorageError
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "tune_configs" / "quickstart.yaml"
 
@@ -28,7 +28,10 @@ QUICKSTART = Path(__file__).resolve().parent.parent / "tune_configs" / "quicksta
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m maenas_ray.sweep", description=__doc__)
     p.add_argument("--config", type=Path, help=f"sweep YAML (default: {QUICKSTART.name})")
-    p.add_argument("--storage-path", help="a directory, s3://... or gs://... (storage_path)")
+    p.add_argument(
+        "--storage-path",
+        help=f"a directory, s3://... or gs://... (default: ${STORAGE_ENV}, else storage_path)",
+    )
     p.add_argument("--name", help="experiment name, a directory under the storage path (name)")
     p.add_argument("--num-samples", type=int, help="number of trials (tune.num_samples)")
     p.add_argument(
@@ -44,8 +47,8 @@ def _fresh(args: argparse.Namespace):  # -> (Config, Storage, name)
     from maenas_ray.orchestration.experiment import check_writable, prepare, resolve_storage
 
     overrides = list(args.overrides)
-    if args.storage_path is not None:
-        overrides.append(f"storage_path={args.storage_path}")
+    if storage_flag(args) is not None:
+        overrides.append(f"storage_path={storage_flag(args)}")
     if args.name is not None:
         overrides.append(f"name={args.name}")
     if args.num_samples is not None:
@@ -80,7 +83,7 @@ def _resumed(args: argparse.Namespace):  # -> (Config, Storage, name)
         )
     base: Config | None = None
     path = args.config or QUICKSTART
-    storage_path = args.storage_path
+    storage_path = storage_flag(args)
     name = args.name
     if storage_path is None or name is None:
         base = load_config(path)
@@ -142,6 +145,7 @@ def _run(args: argparse.Namespace, cfg: Config, storage, name: str) -> int:
     if not connect_ray(args):
         return 2
     try:
+        ex.check_shared_storage(storage)
         if args.resume:
             print(f"resuming {exp.uri}", flush=True)
             tuner = ex.restore_tuner(cfg, exp)
@@ -156,7 +160,7 @@ def _run(args: argparse.Namespace, cfg: Config, storage, name: str) -> int:
             )
             tuner = ex.build_tuner(cfg, storage, name, concurrency)
         results = tuner.fit()
-    except ConfigError as err:
+    except (ConfigError, StorageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     finally:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import typing
+import uuid
 from typing import Any
 
 import optuna
@@ -200,6 +202,51 @@ def start_ray(address: str | None, num_cpus: int | None, dashboard: bool) -> str
             num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1"
         )
     return f"http://{context.dashboard_url}" if context.dashboard_url else None
+
+
+def nodes_missing(path: str) -> list[str]:
+    """The alive nodes (by address) that do not see ``path``: one zero-CPU task per node."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    @ray.remote(num_cpus=0)
+    def sees(p: str) -> bool:
+        return os.path.exists(p)
+
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    refs = [
+        sees.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+        ).remote(path)
+        for n in nodes
+    ]
+    seen = ray.get(refs, timeout=120)
+    return [
+        f"{n['NodeManagerAddress']} ({n['NodeID'][:8]})"
+        for n, ok in zip(nodes, seen, strict=True)
+        if not ok
+    ]
+
+
+def check_shared_storage(storage: Storage) -> None:
+    """On a multi-node cluster, a local ``storage_path`` must be one directory that every
+    node sees (NFS mounted at the same path): a marker written here must be visible to a
+    task on every alive node. Object storage (s3://, gs://) passes as it is."""
+    if not storage.is_local or len([n for n in ray.nodes() if n["Alive"]]) < 2:
+        return
+    storage.fs.create_dir(storage.path, recursive=True)
+    marker = storage.join(f".maenas-shared-{uuid.uuid4().hex}")
+    with storage.fs.open_output_stream(marker):
+        pass
+    try:
+        missing = nodes_missing(marker)
+    finally:
+        storage.fs.delete_file(marker)
+    if missing:
+        raise StorageError(
+            f"storage_path = {storage.uri!r} is node-local: node(s) {', '.join(missing)} of "
+            "this multi-node cluster cannot see it; give s3://..., gs://... or a directory on "
+            "NFS mounted at the same path on every node"
+        )
 
 
 def restore_tuner(cfg: Config, experiment: Storage) -> ray.tune.Tuner:

@@ -1,5 +1,5 @@
 """Retraining a genotype as a Ray Train job: data parallel (DDP over NCCL on GPUs, gloo on
-CPUs) with ``prepare_model``, rank 0 reporting every epoch with a checkpoint to the run
+CPUs) with Ray Train's ``prepare_model``, rank 0 reporting every epoch with a checkpoint to the run
 directory ``<storage_path>/<name>``; a rerun with the same storage path and name resumes
 from the newest readable checkpoint there.
 """
@@ -10,7 +10,6 @@ from typing import Any
 
 import pyarrow.fs
 import ray.train
-import ray.train.torch
 from ray.train.torch import TorchTrainer
 
 from maenas_ray.config import Config, config_from_dict
@@ -24,9 +23,11 @@ from maenas_ray.engines.retrain import (
 from maenas_ray.orchestration.train_jobs import (
     ReportEpochs,
     latest_state,
+    prepare_model,
     report_final,
     run_config,
     setup_worker,
+    torch_config,
 )
 from maenas_ray.space import Genotype
 
@@ -47,7 +48,7 @@ def retrain_worker(loop_config: dict[str, Any]) -> None:
     reporter = ReportEpochs(rank, "retrain", fs, run_dir.rsplit("/", 1)[0])
     result = run_retrain(
         cfg, genotype, reporter, proxy=proxy, resume_from=state,
-        prepare_model=ray.train.torch.prepare_model,
+        prepare_model=prepare_model,
     )  # fmt: skip
     epochs = RetrainPlan.of(cfg, proxy).epochs
     if state is not None and state["epoch"] >= epochs:
@@ -96,5 +97,6 @@ def retrain_trainer(
             "cpus_per_worker": cpus,
         },
         scaling_config=scaling,
+        torch_config=torch_config(),
         run_config=run_config(name, storage_path, filesystem, keep, callbacks or []),
     )

@@ -36,10 +36,13 @@ from maenas_ray.orchestration.train_jobs import (
     ReportEpochs,
     latest_state,
     report_final,
+    require_visible,
     run_config,
     setup_worker,
+    torch_config,
     upload,
 )
+from maenas_ray.results import CONFIG_FILE
 
 #: Sub-directories of a trial directory holding its Ray Train runs.
 SEARCH_RUN = "search"
@@ -67,6 +70,7 @@ def search_worker(loop_config: dict[str, Any]) -> None:
     cfg = config_from_dict(loop_config["config"])
     rank = setup_worker(cfg.search.device, worker_resources(cfg)["CPU"])
     fs, trial_dir = loop_config["filesystem"], loop_config["trial_dir"]
+    require_visible(fs, f"{trial_dir.rsplit('/', 1)[0]}/{CONFIG_FILE}", "the sweep's config")
     state = None
     found = latest_state(fs, f"{trial_dir}/{SEARCH_RUN}", CHECKPOINT_FILE, load_search_state)
     if found is not None:
@@ -112,6 +116,7 @@ def search_trial(params: dict[str, Any], base: dict[str, Any]) -> None:
     cfg = config_from_dict(config)
     storage = ray.tune.get_context().get_storage()
     trial_dir, fs = storage.trial_fs_path, storage.storage_filesystem
+    require_visible(fs, f"{storage.experiment_fs_path}/{CONFIG_FILE}", "the sweep's config")
     proxy = cfg.objective.metric.startswith("proxy_")
     scaling = ray.train.ScalingConfig(
         num_workers=cfg.tune.workers(),
@@ -125,6 +130,7 @@ def search_trial(params: dict[str, Any], base: dict[str, Any]) -> None:
             search_worker,
             train_loop_config={"config": config, "trial_dir": trial_dir, "filesystem": fs},
             scaling_config=scaling,
+            torch_config=torch_config(),
             run_config=run_config(
                 SEARCH_RUN, trial_dir, fs, cfg.tune.checkpoints_to_keep, [forward]
             ),

@@ -16,6 +16,7 @@ from typing import Any
 
 import pyarrow.fs
 import ray.train
+import ray.train.torch
 import ray.tune
 import torch
 from ray.util.queue import Empty, Queue
@@ -34,6 +35,43 @@ COPY_TIMEOUT_S = 1800.0
 def checkpoint_dir_name(epoch: int, suffix: str = "") -> str:
     """``checkpoint_epoch_00007``: sorts by epoch, whatever the clocks of the nodes say."""
     return f"checkpoint_epoch_{epoch:05d}{suffix}"
+
+
+#: The torch.distributed backend of the Train jobs. Ray picks NCCL for any worker with a GPU
+#: resource, which fails where the GPUs are only logical (no CUDA); "undefined" lets torch
+#: pick by the worker's real accelerator: NCCL where CUDA is, gloo elsewhere.
+PROCESS_GROUP_BACKEND = "undefined"
+
+
+def torch_config() -> ray.train.torch.TorchConfig:
+    return ray.train.torch.TorchConfig(backend=PROCESS_GROUP_BACKEND)
+
+
+def prepare_model(net: torch.nn.Module) -> torch.nn.Module:
+    """Ray Train's ``prepare_model`` (DDP) on the device the engine chose, so that a worker
+    holding a logical GPU on a machine without CUDA trains on its CPU."""
+    device = next(net.parameters()).device
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return ray.train.torch.prepare_model(net, move_to_device=device)
+
+
+class NotSharedError(RuntimeError):
+    """A node cannot see the storage the sweep writes to."""
+
+
+def require_visible(fs: pyarrow.fs.FileSystem, path: str, what: str) -> None:
+    """Fail with a clear error when ``path`` (written by the sweep's driver) is not visible
+    from this node: a local ``storage_path`` that is not shared by every node."""
+    if not isinstance(fs, pyarrow.fs.LocalFileSystem):
+        return  # object storage is the same from every node
+    if fs.get_file_info(path).type == pyarrow.fs.FileType.NotFound:
+        node = ray.util.get_node_ip_address()
+        raise NotSharedError(
+            f"storage_path is not shared storage: {what} {path} is not visible from node "
+            f"{node}; a multi-node sweep needs s3://, gs:// or a directory on NFS mounted at "
+            "the same path on every node"
+        )
 
 
 def setup_worker(device: str, cpus: float) -> int:
