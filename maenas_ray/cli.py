@@ -30,9 +30,15 @@ def add_ray_arguments(parser: argparse.ArgumentParser, set_example: str) -> None
     )  # fmt: skip
 
 
-def storage_flag(args: argparse.Namespace) -> str | None:
-    """``--storage-path``, else ``$MAENAS_RAY_STORAGE_PATH``, else None (the config's)."""
-    return args.storage_path or os.environ.get(STORAGE_ENV) or None
+def config_overrides(args: argparse.Namespace) -> list[str]:
+    """The ``--set`` overrides with the storage path around them, lowest priority first:
+    ``$MAENAS_RAY_STORAGE_PATH``, then ``--set``, then ``--storage-path``."""
+    overrides = list(args.overrides)
+    if os.environ.get(STORAGE_ENV):
+        overrides.insert(0, f"storage_path={os.environ[STORAGE_ENV]}")
+    if args.storage_path:
+        overrides.append(f"storage_path={args.storage_path}")
+    return overrides
 
 
 def connect_ray(args: argparse.Namespace) -> bool:

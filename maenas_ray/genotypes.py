@@ -65,37 +65,45 @@ def trial_rows(exp: Experiment) -> list[dict[str, Any]]:
     return rows
 
 
-def leaderboard(exp: Experiment, metric: str | None = None, mode: str | None = None) -> str:
-    """Every trial as a plain-text table, best ``metric`` (default: the objective) first:
-    rank, trial, tuned parameters, metric, skip count, status (``unfinished@<epoch>``
-    while running, interrupted or stopped early) and genotype summary. Trials without a
-    score (not reported yet, NaN, errored) come last without a rank."""
+def leaderboard_rows(
+    exp: Experiment, metric: str | None = None, mode: str | None = None
+) -> list[list[str]]:
+    """The leaderboard as a header and one row of strings per trial, best ``metric``
+    (default: the objective) first: rank, trial, tuned parameters, metric, skip count,
+    status (``unfinished@<epoch>`` while running, interrupted or stopped early; an error's
+    last line) and genotype summary. Trials without a score (not reported yet, NaN,
+    errored) come last without a rank."""
     metric = metric or exp.config.objective.metric
     try:
         ranked = [t for _, _, t in exp.best(len(exp.trials()), metric, mode)]
     except ExperimentError:  # nothing scored yet
         ranked = []
     tuned = list(exp.config.space)
-    header = ["rank", "trial", *tuned, metric, "skips", "status", "genotype"]
-    lines = [header]
+    rows = [["rank", "trial", *tuned, metric, "skips", "status", "genotype"]]
     others = [t for t in exp.trials() if t not in ranked]
     for i, t in enumerate([*ranked, *others], 1):
-        status = t.status if t.status != "unfinished" else f"unfinished@{t.metrics.get('epoch', 0)}"
-        lines.append(
+        status = {"unfinished": f"unfinished@{t.metrics.get('epoch', 0)}"}.get(t.status, t.status)
+        rows.append(
             [
                 str(i) if t in ranked else "-",
                 t.trial_id,
                 *[_fmt(t.params.get("search", {}).get(k)) for k in tuned],
                 _fmt(t.score(metric)),
                 _fmt(t.metrics.get("skip_count")),
-                status,
+                status + (f": {t.error[:60]}" if t.error else ""),
                 t.genotype.summary() if t.genotype else "-",
             ]
         )
-    widths = [max(len(row[c]) for row in lines) for c in range(len(header) - 1)]
+    return rows
+
+
+def leaderboard(exp: Experiment, metric: str | None = None, mode: str | None = None) -> str:
+    """:func:`leaderboard_rows` as a plain-text table (the genotype summary unpadded)."""
+    rows = leaderboard_rows(exp, metric, mode)
+    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]) - 1)]
     return "\n".join(
         "  ".join(c.ljust(w) for c, w in zip(row[:-1], widths, strict=True)) + "  " + row[-1]
-        for row in lines
+        for row in rows
     )
 
 

@@ -32,6 +32,7 @@ import pyarrow.fs
 from matplotlib.ticker import MaxNLocator
 
 from maenas_ray.config import SearchConfig, numeric_type
+from maenas_ray.genotypes import leaderboard_rows
 from maenas_ray.results import Experiment, ExperimentError, Trial, load_experiment
 from maenas_ray.viz import new_figure, save_figure
 
@@ -61,12 +62,6 @@ def _is_int(key: str) -> bool:
     return numeric_type(typing.get_type_hints(SearchConfig)[key]) is int
 
 
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
 # --------------------------------------------------------------------------- figures
 
 
@@ -83,7 +78,8 @@ def _objective_vs_params(exp: Experiment, metric: str, best: Trial | None, out: 
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax, key in zip(axes, keys, strict=False):
         choices = exp.config.space[key].choice
-        values = [_tuned(t, key, exp) for t in scored]
+        shown = [t for t in scored if _tuned(t, key, exp) is not None]
+        values = [_tuned(t, key, exp) for t in shown]
         if choices is not None:  # categorical axis in the order of the choices
             xs = [choices.index(v) if v in choices else math.nan for v in values]
             ax.set_xticks(range(len(choices)), [str(c) for c in choices])
@@ -92,7 +88,7 @@ def _objective_vs_params(exp: Experiment, metric: str, best: Trial | None, out: 
             xs = [float(v) for v in values]
             if _is_int(key):
                 ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        for x, t in zip(xs, scored, strict=True):
+        for x, t in zip(xs, shown, strict=True):
             done = t.status == "done"
             ax.scatter(
                 x, t.score(metric), s=36, zorder=2,
@@ -132,9 +128,9 @@ def _trials_study(exp: Experiment, metric: str, mode: str) -> Any:
     study = optuna.create_study(direction="minimize" if mode == "min" else "maximize")
     for t in exp.trials():
         score = t.score(metric)
-        if t.status != "done" or score is None:
-            continue
         params = {f"search/{k}": _tuned(t, k, exp) for k in exp.config.space}
+        if t.status != "done" or score is None or None in params.values():
+            continue
         study.add_trial(
             optuna.trial.create_trial(params=params, distributions=distributions, value=score)
         )
@@ -149,11 +145,15 @@ def _study_sections(exp: Experiment, metric: str, mode: str, out: Path) -> list[
     previous = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        study = exp.study() if metric == exp.config.objective.metric else None
         source = "the sweep's Optuna study"
+        try:
+            study = exp.study() if metric == exp.config.objective.metric else None
+        except Exception as err:  # an unreachable or unreadable study database
+            study, source = None, f"rebuilt from the trials' {metric} (the study: {err})"
         if study is None:
             study = _trials_study(exp, metric, mode)
-            source = f"rebuilt from the trials' {metric} (the sweep's study is not stored)"
+            if source == "the sweep's Optuna study":
+                source = f"rebuilt from the trials' {metric} (the sweep's study is not stored)"
         done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
         for sec in (history, importance):
             sec.notes.append(f"from {source}: {len(done)} completed trials")
@@ -175,8 +175,10 @@ def _study_sections(exp: Experiment, metric: str, mode: str, out: Path) -> list[
         save_figure(fig, out / "history.png")
         history.figures.append("history.png")
         try:
-            scores = optuna.importance.get_param_importances(study)
-        except (RuntimeError, ValueError) as err:  # too few trials, no variation
+            scores = optuna.importance.get_param_importances(
+                study, evaluator=optuna.importance.PedAnovaImportanceEvaluator()
+            )
+        except (ImportError, RuntimeError, ValueError) as err:  # too few trials, no variation
             importance.notes.append(f"not computed: {err}")
             return [history, importance]
         if not scores:
@@ -186,7 +188,7 @@ def _study_sections(exp: Experiment, metric: str, mode: str, out: Path) -> list[
         fig = new_figure((6.4, 0.6 + 0.5 * len(names)))
         ax = fig.add_subplot()
         ax.barh(names, list(scores.values())[::-1], color="tab:blue")
-        ax.set_xlabel(f"importance for {metric} (fANOVA, Optuna)")
+        ax.set_xlabel(f"importance for {metric} (PED-ANOVA, Optuna)")
         ax.set_xlim(0, 1)
         save_figure(fig, out / "importances.png")
         importance.figures.append("importances.png")
@@ -240,7 +242,7 @@ def _best_genotypes(exp: Experiment, ranked: list[tuple[Any, float, Trial]], met
                     data = f.read()
             except (FileNotFoundError, OSError):
                 continue  # the trial's search has not finished
-            target = f"best/{rank}-{trial.trial_id}-{name}"
+            target = f"best/{rank}-{trial.path.rstrip('/').rsplit('/', 1)[-1]}-{name}"
             (out / "best").mkdir(exist_ok=True)
             (out / target).write_bytes(data)
             pictures.append(f'<img src="{target}" alt="{name} of trial {trial.trial_id}">')
@@ -257,24 +259,11 @@ def _best_genotypes(exp: Experiment, ranked: list[tuple[Any, float, Trial]], met
 # --------------------------------------------------------------------------- page
 
 
-def _leaderboard(exp: Experiment, metric: str, ranked: list[Trial]) -> str:
-    keys = list(exp.config.space)
-    head = ["rank", "trial", *keys, metric, "skips", "status", "genotype"]
-    rows = []
-    for i, t in enumerate([*ranked, *(t for t in exp.trials() if t not in ranked)], 1):
-        status = t.status if t.status != "unfinished" else f"unfinished@{t.metrics.get('epoch', 0)}"
-        cells = [
-            str(i) if t in ranked else "-",
-            t.trial_id,
-            *[_fmt(t.params.get("search", {}).get(k)) for k in keys],
-            _fmt(t.score(metric)),
-            _fmt(t.metrics.get("skip_count")),
-            status + (f": {t.error}" if t.error else ""),
-            t.genotype.summary() if t.genotype else "-",
-        ]
-        rows.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
-    header = "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"
-    return f"<table>{header}\n" + "\n".join(rows) + "</table>"
+def _leaderboard(exp: Experiment, metric: str, mode: str) -> str:
+    head, *rows = leaderboard_rows(exp, metric, mode)
+    cells = [[f"<th>{html.escape(h)}</th>" for h in head]]
+    cells += [[f"<td>{html.escape(c)}</td>" for c in row] for row in rows]
+    return "<table>" + "\n".join("<tr>" + "".join(r) + "</tr>" for r in cells) + "</table>"
 
 
 _STYLE = """
@@ -315,7 +304,7 @@ def write_report(exp: Experiment, out: str | os.PathLike, top: int = 3) -> Path:
         f"<p class=meta>{html.escape(exp.uri)} &middot; {len(trials)} trials ({status}) "
         f"&middot; objective {html.escape(metric)} ({mode})</p>",
         "<h2>Leaderboard</h2>",
-        _leaderboard(exp, metric, [t for _, _, t in ranked]),
+        _leaderboard(exp, metric, mode),
     ]
     for sec in sections:
         body.append(f"<h2>{html.escape(sec.title)}</h2>")
@@ -340,7 +329,10 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("path", help="the experiment directory: <storage_path>/<name>")
-    p.add_argument("--out", help="report directory (default: <experiment>/report)")
+    p.add_argument(
+        "--out",
+        help="report directory (default: <experiment>/report; ./<name>-report for s3:// or gs://)",
+    )
     p.add_argument("--top", type=int, default=3, help="best genotypes shown (default 3)")
     return p
 

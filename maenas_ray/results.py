@@ -86,12 +86,16 @@ class Experiment:
         directory; None when the study lived in Ray's memory only (object storage
         without a study URL) or nothing was written yet."""
         import optuna
-        from optuna.storages import InMemoryStorage, JournalStorage
+        from optuna.storages import InMemoryStorage, JournalStorage, RDBStorage
         from optuna.storages.journal import JournalFileBackend
 
         with tempfile.TemporaryDirectory() as tmp:
-            source: Any = self.config.tune.study_storage
-            if source is None:
+            url = self.config.tune.study_storage
+            if url is not None:  # the sweep's database, read as it is (no tables created)
+                source: Any = RDBStorage(
+                    url, skip_table_creation=True, skip_compatibility_check=True
+                )
+            else:
                 journal = _read_bytes(self.fs, f"{self.path}/{STUDY_JOURNAL}")
                 if not journal:
                     return None
@@ -101,11 +105,14 @@ class Experiment:
                 with open(copy, "wb") as f:
                     f.write(journal)
                 source = JournalStorage(JournalFileBackend(copy))
-            if self.name not in optuna.get_all_study_names(source):
+            names = optuna.get_all_study_names(source)
+            # the study is named after the experiment; a renamed directory keeps its one study
+            name = self.name if self.name in names or len(names) != 1 else names[0]
+            if name not in names:
                 return None
             memory = InMemoryStorage()
-            optuna.copy_study(from_study_name=self.name, from_storage=source, to_storage=memory)
-        return optuna.load_study(study_name=self.name, storage=memory)
+            optuna.copy_study(from_study_name=name, from_storage=source, to_storage=memory)
+        return optuna.load_study(study_name=name, storage=memory)
 
     def resolve_metric(self, metric: str | None = None, mode: str | None = None) -> tuple[str, str]:
         """``metric`` (default: the sweep's objective) and its ``mode`` (default: the

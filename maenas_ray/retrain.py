@@ -16,7 +16,13 @@ import re
 import sys
 from pathlib import Path
 
-from maenas_ray.cli import STORAGE_ENV, UsageError, add_ray_arguments, connect_ray, storage_flag
+from maenas_ray.cli import (
+    STORAGE_ENV,
+    UsageError,
+    add_ray_arguments,
+    config_overrides,
+    connect_ray,
+)
 from maenas_ray.config import Config, ConfigError, load_config
 from maenas_ray.space import PUBLISHED, Genotype
 
@@ -75,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     from maenas_ray.orchestration.experiment import StorageError, check_writable, resolve_storage
 
     args = _parser().parse_args(argv)
-    overrides = list(args.overrides)
+    overrides = config_overrides(args)
     if args.num_workers is not None:
         overrides.append(f"retrain.num_workers={args.num_workers}")
     if args.use_gpu:
@@ -98,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.name and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", args.name):
             raise UsageError(f"--name {args.name!r}: letters, digits, '.', '_' and '-' only")
 
-        storage = resolve_storage(storage_flag(args) or cfg.storage_path)
+        storage = resolve_storage(cfg.storage_path)
         check_writable(storage)
     except (ConfigError, UsageError, StorageError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -11,13 +11,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import time
 from pathlib import Path
 
 import yaml
 
-from maenas_ray.cli import STORAGE_ENV, UsageError, add_ray_arguments, connect_ray, storage_flag
+from maenas_ray.cli import (
+    STORAGE_ENV,
+    UsageError,
+    add_ray_arguments,
+    config_overrides,
+    connect_ray,
+)
 from maenas_ray.config import Config, ConfigError, load_config
 from maenas_ray.results import STUDY_JOURNAL, ExperimentError, load_experiment
 from maenas_ray.storage import Storage, StorageError
@@ -46,9 +53,7 @@ def _parser() -> argparse.ArgumentParser:
 def _fresh(args: argparse.Namespace):  # -> (Config, Storage, name)
     from maenas_ray.orchestration.experiment import check_writable, prepare, resolve_storage
 
-    overrides = list(args.overrides)
-    if storage_flag(args) is not None:
-        overrides.append(f"storage_path={storage_flag(args)}")
+    overrides = config_overrides(args)
     if args.name is not None:
         overrides.append(f"name={args.name}")
     if args.num_samples is not None:
@@ -83,7 +88,7 @@ def _resumed(args: argparse.Namespace):  # -> (Config, Storage, name)
         )
     base: Config | None = None
     path = args.config or QUICKSTART
-    storage_path = storage_flag(args)
+    storage_path = args.storage_path or os.environ.get(STORAGE_ENV) or None
     name = args.name
     if storage_path is None or name is None:
         base = load_config(path)
@@ -176,7 +181,7 @@ def _summary(cfg: Config, exp: Storage, errors: list) -> int:
     try:
         experiment = load_experiment(exp.uri)
     except ExperimentError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: cannot read the results back from {exp.uri}: {err}", file=sys.stderr)
         return 1
     print()
     print(leaderboard(experiment))
@@ -193,8 +198,8 @@ def _summary(cfg: Config, exp: Storage, errors: list) -> int:
     print(f"report: python -m maenas_ray.report {exp.uri}")
     errored = [t.trial_id for t in experiment.trials() if t.status == "error"]
     if errors or errored:
-        failed = ", ".join(errored) or f"{len(errors)} trial(s)"
-        print(f"{max(len(errored), len(errors))} trial(s) failed: {failed}; see their error.txt")
+        failed = f": {', '.join(errored)}" if errored else ""
+        print(f"{max(len(errored), len(errors))} trial(s) failed{failed}; see their error.txt")
         return 1
     return 0
 

@@ -44,9 +44,13 @@ def test_cluster_yaml_is_valid_and_installs_the_package_with_shared_storage(path
     for commands in (cfg["head_setup_commands"], cfg["worker_setup_commands"]):
         joined = "\n".join(commands)
         assert "pip install -q -e ~/maenas-ray" in joined
-        assert "source ~/maenas-venv/bin/activate" in joined
-        # the storage every node writes to: object storage, or the NFS mount
-        (storage,) = re.findall(rf"export {STORAGE_ENV}=(\S+?)'", joined)
+        # the node's shells (`ray start`, submitted jobs, `ray attach`) get the venv, the
+        # token mode and the storage every node writes to: object storage, or the NFS mount
+        assert "echo 'source ~/.maenas_ray_env'" in joined
+        (env,) = re.findall(r"printf '(.*)' > ~/.maenas_ray_env", joined)
+        lines = env.split("\\n")
+        assert lines[:2] == ["source ~/maenas-venv/bin/activate", "export RAY_AUTH_MODE=token"]
+        (storage,) = re.findall(rf"^export {STORAGE_ENV}=(\S+)$", lines[2])
         assert storage.startswith(SHARED_SCHEME[provider]), storage
     if provider == "local":
         (mount,) = re.findall(
@@ -67,13 +71,22 @@ def test_cluster_yaml_is_valid_and_installs_the_package_with_shared_storage(path
 
 
 def test_the_storage_default_comes_from_the_environment(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv(STORAGE_ENV, str(tmp_path / "shared"))
+    """Lowest priority first: the config's storage_path, $MAENAS_RAY_STORAGE_PATH, --set
+    storage_path=..., --storage-path."""
+    monkeypatch.setenv(STORAGE_ENV, str(tmp_path / "env"))
     config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump(TINY))
-    # an existing experiment under the environment's storage is found there
-    (tmp_path / "shared" / "x").mkdir(parents=True)
-    assert sweep(["--config", str(config), "--name", "x"]) == 2
-    assert f"experiment {tmp_path / 'shared' / 'x'} already exists" in capsys.readouterr().err
+    config.write_text(yaml.safe_dump({**TINY, "storage_path": str(tmp_path / "config")}))
+    for where in ("config", "env", "set", "flag"):
+        (tmp_path / where / "x").mkdir(parents=True)  # an existing experiment is refused
+    cases = [
+        ([], "env"),
+        (["--set", f"storage_path={tmp_path / 'set'}"], "set"),
+        (["--set", f"storage_path={tmp_path / 'set'}", "--storage-path", str(tmp_path / "flag")],
+         "flag"),
+    ]  # fmt: skip
+    for extra, where in cases:
+        assert sweep(["--config", str(config), "--name", "x", *extra]) == 2
+        assert f"experiment {tmp_path / where / 'x'} already exists" in capsys.readouterr().err
 
 
 def test_a_node_that_cannot_see_the_storage_fails_with_a_clear_error(tmp_path):

@@ -97,7 +97,7 @@ def test_a_report_of_an_experiment_on_object_storage(tmp_path):
     # the best two finished trials first (b 0.40, c 0.45), their cells copied next to the page
     assert page.images == [
         "objective_vs_params.png", "history.png", "importances.png", "skips_vs_mask_ratio.png",
-        "best/1-b-cells.png", "best/2-c-cells.png",
+        "best/1-trial_b-cells.png", "best/2-trial_c-cells.png",
     ]  # fmt: skip
     for src in page.images:
         picture = matplotlib.image.imread(tmp_path / "report" / src)

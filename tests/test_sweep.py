@@ -337,7 +337,10 @@ def test_sweep_runs_trials_that_open_with_tune_and_optuna(tmp_path, capsys):
     assert figures[:4] == [
         "objective_vs_params.png", "history.png", "importances.png", "skips_vs_mask_ratio.png"
     ]  # fmt: skip
-    assert figures[4:6] == [f"best/1-{best_id}-cells.png", f"best/1-{best_id}-reconstruction.png"]
+    assert figures[4:6] == [
+        f"best/1-trial_{best_id}-cells.png",
+        f"best/1-trial_{best_id}-reconstruction.png",
+    ]
     assert len(figures) == 8 and all((experiment / "report" / f).stat().st_size for f in figures)
     study_copy = exp.study()
     assert [t.value for t in study_copy.trials] == [t.value for t in study.trials]

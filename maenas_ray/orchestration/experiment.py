@@ -219,12 +219,16 @@ def nodes_missing(path: str) -> list[str]:
         ).remote(path)
         for n in nodes
     ]
-    seen = ray.get(refs, timeout=120)
-    return [
-        f"{n['NodeManagerAddress']} ({n['NodeID'][:8]})"
-        for n, ok in zip(nodes, seen, strict=True)
-        if not ok
-    ]
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=120)
+    missing = []
+    for node, ref in zip(nodes, refs, strict=True):
+        try:  # a node that does not answer (busy, going away) counts as not seeing it
+            ok = ref in ready and ray.get(ref)
+        except ray.exceptions.RayError:
+            ok = False
+        if not ok:
+            missing.append(f"{node['NodeManagerAddress']} ({node['NodeID'][:8]})")
+    return missing
 
 
 def check_shared_storage(storage: Storage) -> None:
