@@ -18,8 +18,8 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from maenas_ray.engines.state import load_state, save_state
 from maenas_ray.mae import MaskedAutoencoder, build_decoder, masked_mse, masked_psnr
 from maenas_ray.mae.masking import apply_mask, random_patch_mask
 from maenas_ray.space import Genotype, Supernet
+from maenas_ray.space.supernet import Formulation
 
 CHECKPOINT_FILE = "search_state.pt"
 CHECKPOINT_FORMAT = "maenas-search-v1"
@@ -89,6 +90,20 @@ def alpha_entropy(alphas: torch.Tensor) -> float:
     """Mean over edges of the entropy (nats) of softmax(α); log(8) ≈ 2.08 is uniform."""
     p = torch.softmax(alphas.detach().float(), dim=-1)
     return float(-(p * p.clamp_min(1e-12).log()).sum(dim=-1).mean())
+
+
+@contextmanager
+def frozen(params: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Parameters do not require gradients inside: a forward pass records no graph for
+    their gradients, so a backward pass for other inputs (α) does none of that work."""
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, flags, strict=True):
+            p.requires_grad_(flag)
 
 
 class CheckpointMismatchError(ValueError):
@@ -243,10 +258,21 @@ def unrolled_arch_gradients(
     return result, loss_a.detach(), pred_a.detach()
 
 
-class _Search:
-    """The state of one search and its steps; ``run_search`` drives it."""
+#: BatchNorm buffers that older checkpoints hold for the search cells' non-affine
+#: BatchNorms, which now normalise with batch statistics only; they are dropped on load.
+_BN_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
 
-    def __init__(self, cfg: Config, dataset: ImageDataset | None) -> None:
+
+class SearchLoop:
+    """The state of one search and its steps; ``run_search`` drives it.
+
+    ``formulation`` is the supernet's (``fast`` or ``reference``, the same mathematics; see
+    :class:`~maenas_ray.space.Supernet`); ``benchmarks/search_step.py`` times both.
+    """
+
+    def __init__(
+        self, cfg: Config, dataset: ImageDataset | None = None, *, formulation: Formulation = "fast"
+    ) -> None:
         self.cfg = cfg
         s = cfg.search
         self.device = resolve_device(s.device)
@@ -258,7 +284,7 @@ class _Search:
             )
         self.autocast = autocast_for(self.device, s.precision)
         torch.manual_seed(s.seed)
-        encoder = Supernet(s.channels, s.layers, stem=s.stem)
+        encoder = Supernet(s.channels, s.layers, stem=s.stem, formulation=formulation)
         decoder = build_decoder(
             s.decoder, encoder.feature_channels, s.decoder_width, s.decoder_depth
         )
@@ -314,8 +340,12 @@ class _Search:
                 "the checkpoint was written with another config; resuming would not continue "
                 f"the same search. Changed: {'; '.join(changes)}"
             )
+        own = self.model.state_dict()
+        model_state = {
+            k: v for k, v in state["model"].items() if k in own or not k.endswith(_BN_STATISTICS)
+        }
         try:
-            self.model.load_state_dict(state["model"])
+            self.model.load_state_dict(model_state)
             self.w_opt.load_state_dict(state["w_opt"])
             self.a_opt.load_state_dict(state["a_opt"])
             self.scheduler.load_state_dict(state["scheduler"])
@@ -350,11 +380,12 @@ class _Search:
             pred = self.model(x, mask)
         return masked_mse(pred, x, mask, self.cfg.search.norm_pix_loss), pred
 
-    def arch_step(
+    def alpha_gradients(
         self, x_a: torch.Tensor, mask_a: torch.Tensor, x_w: torch.Tensor, mask_w: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """The gradient of the A-loss with respect to α (first or second order, averaged
+        over the ranks), the A-loss and the A-reconstruction; changes nothing."""
         s = self.cfg.search
-        self.a_opt.zero_grad(set_to_none=True)
         if s.unrolled:
             buffers = {
                 n: self.w_opt.state[p]["momentum_buffer"]
@@ -368,17 +399,26 @@ class _Search:
                 norm_pix=s.norm_pix_loss, autocast=self.autocast, reduce=average_over_ranks,
             )  # fmt: skip
         else:
-            loss, pred = self._loss(x_a, mask_a)
+            with frozen(self.weights):  # no weight-gradient work in the backward
+                loss, pred = self._loss(x_a, mask_a)
             grads = list(torch.autograd.grad(loss, self.alphas))
         average_over_ranks(grads)
+        return grads, loss.detach(), pred.detach()
+
+    def arch_step(
+        self, x_a: torch.Tensor, mask_a: torch.Tensor, x_w: torch.Tensor, mask_w: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self.a_opt.zero_grad(set_to_none=True)
+        grads, loss, pred = self.alpha_gradients(x_a, mask_a, x_w, mask_w)
         for a, g in zip(self.alphas, grads, strict=True):
             a.grad = g
         self.a_opt.step()
-        return loss.detach(), pred.detach()
+        return loss, pred
 
     def weight_step(self, x_w: torch.Tensor, mask_w: torch.Tensor) -> torch.Tensor:
         self.w_opt.zero_grad(set_to_none=True)
-        loss, _ = self._loss(x_w, mask_w)
+        with frozen(self.alphas):  # no α-gradient work in the backward
+            loss, _ = self._loss(x_w, mask_w)
         loss.backward(inputs=self.weights)
         if self.world > 1:
             for p in self.weights:
@@ -388,6 +428,21 @@ class _Search:
         nn.utils.clip_grad_norm_(self.weights, self.cfg.search.grad_clip)
         self.w_opt.step()
         return loss.detach()
+
+    def masks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's share of the next A-mask and W-mask."""
+        s = self.cfg.search
+        return self._shard(self._mask(s.batch_size)), self._shard(self._mask(s.batch_size))
+
+    def iteration(
+        self, x_w: torch.Tensor, x_a: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One bi-level iteration: an architecture step on ``x_a`` and a weight step on
+        ``x_w``, each with a freshly drawn mask. Returns the W-loss, the A-loss, the
+        A-reconstruction and the A-mask (device tensors; nothing is synchronised)."""
+        mask_a, mask_w = self.masks()
+        loss_a, pred_a = self.arch_step(x_a, mask_a, x_w, mask_w)
+        return self.weight_step(x_w, mask_w), loss_a, pred_a, mask_a
 
     def run_epoch(self) -> dict[str, Any]:
         s = self.cfg.search
@@ -400,10 +455,7 @@ class _Search:
         bad_step = torch.full((), -1, device=self.device, dtype=torch.long)
         start = time.perf_counter()
         for step, x_w, x_a in zip(range(steps), self.data.w, self.data.a, strict=False):
-            mask_a = self._shard(self._mask(s.batch_size))
-            mask_w = self._shard(self._mask(s.batch_size))
-            loss_a, pred_a = self.arch_step(x_a, mask_a, x_w, mask_w)
-            loss_w = self.weight_step(x_w, mask_w)
+            loss_w, loss_a, pred_a, mask_a = self.iteration(x_w, x_a)
             with torch.no_grad():
                 psnr = masked_psnr(pred_a, x_a, mask_a, self.data.mean, self.data.std)
                 sums += torch.stack([loss_w, loss_a, psnr])
@@ -520,7 +572,7 @@ def run_search(
     elif isinstance(callbacks, SearchCallback):
         callbacks = [callbacks]
     callbacks = list(callbacks)
-    search = _Search(config, dataset)
+    search = SearchLoop(config, dataset)
     if resume_from is not None:
         state = resume_from if isinstance(resume_from, dict) else load_search_state(resume_from)
         search.restore(state)

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from maenas_ray.space.fastpath import SharedInputs, mixed_edge, preprocess
 from maenas_ray.space.genotype import NODES, Edge
 from maenas_ray.space.ops import OPS, PRIMITIVES, FactorizedReduce, Identity, ReLUConvBN, build_op
 
@@ -82,8 +83,24 @@ def _preprocess(
     return pre0, ReLUConvBN(c_prev, c, 1, 1, 0, affine=affine)
 
 
+def batch_statistics_only(module: nn.Module) -> None:
+    """Make every non-affine BatchNorm in ``module`` normalise with batch statistics only.
+
+    The search-time BatchNorms have no parameters and always run on batch statistics
+    (search, evaluation and pictures all keep the supernet in training mode), so running
+    averages would be state that nothing reads; without them an op's output depends on its
+    input alone, which lets the fast path share it between edges.
+    """
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d) and not m.affine:
+            m.track_running_stats = False
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
+                setattr(m, name, None)
+
+
 class MixedOp(nn.Module):
-    """A search edge: ``Σ_k w_k · op_k(x)`` over every primitive (reference formulation)."""
+    """A search edge: ``Σ_k w_k · op_k(x)`` over every primitive (reference formulation;
+    :func:`maenas_ray.space.fastpath.mixed_edge` computes the same, faster)."""
 
     def __init__(self, c: int, stride: int) -> None:
         super().__init__()
@@ -114,14 +131,30 @@ class SearchCell(nn.Module):
             MixedOp(c, 2 if reduction and j < 2 else 1) for i in range(NODES) for j in range(2 + i)
         )
         self.out_channels = NODES * c
+        batch_statistics_only(self)
 
-    def forward(self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        states = [self.preprocess0(s0), self.preprocess1(s1)]
+    def forward(
+        self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor, fast: bool = True
+    ) -> torch.Tensor:
+        if fast:
+            states = [preprocess(self.preprocess0, s0), preprocess(self.preprocess1, s1)]
+        else:
+            states = [self.preprocess0(s0), self.preprocess1(s1)]
+        inputs = [SharedInputs(h) for h in states]
         offset = 0
         for _ in range(NODES):
-            s = sum(self.edges[offset + j](h, weights[offset + j]) for j, h in enumerate(states))
+            s: torch.Tensor | None = None
+            for j, h in enumerate(states):
+                edge, w = self.edges[offset + j], weights[offset + j]
+                if fast:
+                    s = mixed_edge(edge.ops, inputs[j], w, s)  # type: ignore[arg-type]
+                else:
+                    y = edge(h, w)
+                    s = y if s is None else s + y
+            assert s is not None
             offset += len(states)
-            states.append(s)  # type: ignore[arg-type]
+            states.append(s)
+            inputs.append(SharedInputs(s))
         return torch.cat(states[2:], dim=1)
 
 

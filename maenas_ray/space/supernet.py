@@ -12,6 +12,8 @@ from maenas_ray.space.genotype import NUM_EDGES, Genotype, derive_genotype
 from maenas_ray.space.ops import PRIMITIVES
 
 StemKind = Literal["cifar", "imagenet"]
+Formulation = Literal["fast", "reference"]
+FORMULATIONS: tuple[str, ...] = ("fast", "reference")
 
 
 def make_stem(kind: str, channels: int, stem_multiplier: int = 3) -> Stem:
@@ -35,6 +37,13 @@ class Supernet(nn.Module):
     (``alphas_normal``, ``alphas_reduce``: ``NUM_EDGES x len(PRIMITIVES)``, initialised at
     ``1e-3 * N(0, 1)``) are kept apart from the network weights: see
     :meth:`arch_parameters` and :meth:`weight_parameters`.
+
+    ``formulation`` picks how the mixed edges are computed, with the same result:
+    ``reference`` is the literal ``Σ_k w_k · op_k(x)`` over every primitive on every edge;
+    ``fast`` (:mod:`maenas_ray.space.fastpath`) skips the zero op, shares per-state work
+    between edges, runs dilated convolutions as plain ones and keeps the activations
+    ``channels_last`` (attribute ``channels_last``). Both attributes may be switched on a
+    built network.
     """
 
     def __init__(
@@ -44,6 +53,7 @@ class Supernet(nn.Module):
         *,
         stem: StemKind = "cifar",
         stem_multiplier: int = 3,
+        formulation: Formulation = "fast",
     ) -> None:
         super().__init__()
         if isinstance(C, bool) or not isinstance(C, int) or C < 1:
@@ -52,8 +62,15 @@ class Supernet(nn.Module):
             raise ValueError(
                 f"Supernet layers={layers!r}; expected an integer >= 3 (one cell per resolution)"
             )
+        if formulation not in FORMULATIONS:
+            raise ValueError(
+                f"Supernet formulation={formulation!r}; allowed: {', '.join(FORMULATIONS)}"
+            )
         self.C = C
         self.layers = layers
+        self.formulation = formulation
+        #: run on channels_last activations (the fast path's memory format)
+        self.channels_last = formulation == "fast"
         self.stem = make_stem(stem, C, stem_multiplier)
         c_prev_prev, c_prev = self.stem.channels
         reduction_prev = self.stem.reduction_prev
@@ -89,10 +106,13 @@ class Supernet(nn.Module):
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         w_normal = torch.softmax(self.alphas_normal, dim=-1)
         w_reduce = torch.softmax(self.alphas_reduce, dim=-1)
+        fast = self.formulation == "fast"
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         s0, s1 = self.stem(x)
         features = []
         for i, cell in enumerate(self.cells):
-            s0, s1 = s1, cell(s0, s1, w_reduce if cell.reduction else w_normal)
+            s0, s1 = s1, cell(s0, s1, w_reduce if cell.reduction else w_normal, fast=fast)
             if i in self.feature_indices:
                 features.append(s1)
         return features

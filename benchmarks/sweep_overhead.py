@@ -1,0 +1,120 @@
+"""What running a search as a Ray Tune trial costs on top of the search itself.
+
+Runs the same 1-epoch quickstart search twice:
+
+- standalone: ``python -m maenas_ray.search`` (in this process, imports already done):
+  the search, its per-epoch checkpoint and its pictures;
+- as a sweep: ``python -m maenas_ray.sweep`` in a fresh process (it starts its own local
+  Ray), ``--samples`` trials one after the other. Each trial is a Ray Tune trial that runs
+  the search as a Ray Train job, reports the epoch with a checkpoint on the storage path
+  and writes its genotype and pictures there.
+
+It prints the time from starting ``python -m maenas_ray.sweep`` to the first reported
+epoch, each trial's time (Tune's ``time_total_s``: Train worker start, search, checkpoint
+upload, reporting), and the per-trial overhead (trial time minus the standalone search
+time) as a share of the trial time. The objective is ``eval_loss`` (no proxy retrain),
+so the trial is the search alone and the share is not diluted by a retrain.
+
+    python benchmarks/sweep_overhead.py              # about 2 minutes on a 2-core CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from maenas_ray import search as search_cli
+
+QUICKSTART = Path(__file__).resolve().parent.parent / "tune_configs" / "quickstart.yaml"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", type=Path, default=QUICKSTART, help="sweep YAML (quickstart)")
+    p.add_argument("--samples", type=int, default=2, help="trials, run one at a time (2)")
+    p.add_argument("--epochs", type=int, default=1, help="search epochs per trial (1)")
+    p.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    args = p.parse_args(argv)
+    if args.samples < 1 or args.epochs < 1:
+        p.error("--samples and --epochs must be >= 1")
+    return args
+
+
+def trial_results(experiment: Path) -> list[list[dict]]:
+    """Each trial's result rows, in trial-directory order."""
+    trials = []
+    for result in sorted(experiment.glob("trial_*/result.json")):
+        rows = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
+        if rows:
+            trials.append(rows)
+    return trials
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    search_sets = [f"search.epochs={args.epochs}", "search.device=cpu"]
+    with tempfile.TemporaryDirectory(prefix="maenas-overhead-") as tmp:
+        root = Path(tmp)
+        # the same search, standalone (twice: the first run pays one-time costs)
+        standalone = []
+        for i in range(2):
+            argv_search = ["--config", str(args.config), "--out", str(root / f"alone{i}")]
+            for item in search_sets:
+                argv_search += ["--set", item]
+            start = time.perf_counter()
+            if search_cli.main(argv_search) != 0:
+                raise SystemExit("the standalone search failed")
+            standalone.append(time.perf_counter() - start)
+        alone = min(standalone)
+
+        command = [
+            sys.executable, "-m", "maenas_ray.sweep", "--config", str(args.config),
+            "--storage-path", str(root / "store"), "--name", "overhead", "--num-cpus", "2",
+            "--no-dashboard", "--set", f"tune.num_samples={args.samples}",
+            "--set", "tune.max_concurrent_trials=1", "--set", "objective.metric=eval_loss",
+            "--set", "objective.mode=min",
+        ]  # fmt: skip
+        for item in search_sets:
+            command += ["--set", item]
+        env = {k: v for k, v in os.environ.items() if k != "MAENAS_RAY_STORAGE_PATH"}
+        started = time.time()
+        run = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+        wall = time.time() - started
+        if run.returncode != 0:
+            sys.stderr.write(run.stdout[-3000:] + run.stderr[-3000:])
+            raise SystemExit(f"the sweep failed (exit {run.returncode})")
+        trials = trial_results(root / "store" / "overhead")
+    if len(trials) != args.samples:
+        raise SystemExit(f"expected {args.samples} trials with results, found {len(trials)}")
+
+    first_epoch = min(rows[0]["timestamp"] for rows in trials) - started
+    trial_times = [rows[-1]["time_total_s"] for rows in trials]
+    trial = statistics.mean(trial_times)
+    overhead = trial - alone
+    share = overhead / trial
+    print(f"1-epoch quickstart search ({args.config.name}, objective eval_loss), CPU")
+    print(f"standalone search (python -m maenas_ray.search): {alone:.1f} s "
+          f"(runs: {', '.join(f'{t:.1f}' for t in standalone)})")  # fmt: skip
+    print(f"sweep of {args.samples} trials, one at a time: {wall:.1f} s wall; first reported "
+          f"epoch {first_epoch:.1f} s after the start (Ray start included)")  # fmt: skip
+    print(f"trial time (Tune time_total_s): {', '.join(f'{t:.1f}' for t in trial_times)} s; "
+          f"mean {trial:.1f} s")  # fmt: skip
+    print(f"per-trial overhead: {overhead:.1f} s = {100 * share:.1f}% of the trial time")
+    if args.json is not None:
+        figures = {"standalone_s": standalone, "sweep_wall_s": wall,
+                   "first_epoch_s": first_epoch, "trial_s": trial_times,
+                   "overhead_s": overhead, "overhead_share": share}  # fmt: skip
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    print(f"overhead share: {share:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""The fast formulation of a search edge: the same sums as :class:`MixedOp`, less work.
+
+A mixed edge computes ``Σ_k w_k · op_k(x)`` over every primitive. The reference does that
+literally. This path computes the same value and the same gradients with:
+
+- **no ``none`` op**: its output is zero, so it adds nothing and the gradient of its
+  weight is ``<dL/dy, 0> = 0``; α still gets its exact gradient through the softmax.
+- **shared work per input state**: the ReLU in front of every convolution op, and each
+  pooling op with its non-affine BatchNorm (no parameters, batch statistics only), depend
+  only on the state and the stride, which is the same for every edge leaving a state. They
+  are computed once per state instead of once per edge.
+- **depthwise backward without the slow kernels** (CPU): oneDNN runs the backward of
+  3x3 undilated depthwise convolutions fast and that of 5-wide or dilated ones several
+  times slower; :class:`_Depthwise` gets the same gradients from fast kernels only, and a
+  stride-2 dilation-2 convolution runs as a plain one on the even pixels it reads.
+- **fused weighting**: an op ending in a non-affine BatchNorm gets its edge weight as
+  that BatchNorm's affine weight (one kernel, forward and backward); the shared outputs
+  are accumulated with ``addcmul``.
+
+Together with ``channels_last`` tensors (:class:`Supernet` converts its input) this is
+what ``Supernet(formulation="fast")`` runs; ``benchmarks/search_step.py`` measures it
+against the reference formulation and checks the loss and α gradient agree.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from maenas_ray.space.ops import NONE_OP, OPS, PRIMITIVES, FactorizedReduce, Identity
+
+
+def to_phases(x: torch.Tensor) -> torch.Tensor:
+    """``(B, C, H, W) -> (4B, C, H/2, W/2)``: the four row/column parity sub-images of each
+    image, parity-major within the image; keeps ``channels_last``."""
+    b, c, h, w = x.shape
+    if x.is_contiguous(memory_format=torch.channels_last):  # work on the (B, H, W, C) view
+        y = x.permute(0, 2, 3, 1).reshape(b, h // 2, 2, w // 2, 2, c).permute(0, 2, 4, 1, 3, 5)
+        return y.reshape(4 * b, h // 2, w // 2, c).permute(0, 3, 1, 2)
+    y = x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 3, 5, 1, 2, 4)
+    return y.reshape(4 * b, c, h // 2, w // 2)
+
+
+class _Depthwise(torch.autograd.Function):
+    """A stride-1, "same"-padded depthwise convolution (odd kernel, dilation 1 or 2) whose
+    backward avoids the slow CPU kernels.
+
+    oneDNN runs the forward of every such convolution fast, but its backward only for 3x3
+    undilated kernels: 5-wide or dilated kernels take a generic path several times slower.
+    Here the input gradient is the forward convolution of the output gradient with the
+    flipped kernel (same padding and dilation). The weight gradient of a dilated kernel is
+    that of the plain kernel on the parity sub-images (a dilation-2 convolution only
+    combines pixels of one row/column parity); a 5-wide one is taken in column slices:
+    the middle three columns as one ``k x 3`` weight gradient, each outer column as a
+    ``k x 1`` one on the input shifted by that column's offset.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, dilation: int) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, weight)
+        ctx.dilation = dilation
+        pad = dilation * (weight.shape[-1] // 2)
+        return F.conv2d(x, weight, padding=pad, dilation=dilation, groups=weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        d = ctx.dilation
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            pad = d * (weight.shape[-1] // 2)
+            grad_x = F.conv2d(
+                grad, weight.flip(2, 3), padding=pad, dilation=d, groups=weight.shape[0]
+            )
+        if ctx.needs_input_grad[1]:
+            if d == 2:
+                x, grad = to_phases(x), to_phases(grad.contiguous(memory_format=_format(x)))
+            grad_w = _plain_weight_grad(x, grad, weight.shape)
+        return grad_x, grad_w, None
+
+
+def _format(x: torch.Tensor) -> torch.memory_format:
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _weight_grad(
+    x: torch.Tensor, grad: torch.Tensor, shape: tuple[int, ...], padding: tuple[int, int]
+) -> torch.Tensor:
+    empty = grad.new_empty(shape)
+    return torch.ops.aten.convolution_backward(
+        grad, x, empty, None, [1, 1], list(padding), [1, 1], False, [0, 0], shape[0],
+        [False, True, False],
+    )[1]  # fmt: skip
+
+
+def _plain_weight_grad(x: torch.Tensor, grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The weight gradient of a stride-1 "same" depthwise convolution without dilation."""
+    c, _, kh, kw = shape
+    if kw <= 3:
+        return _weight_grad(x, grad, tuple(shape), (kh // 2, kw // 2))
+    half = kw // 2
+    columns: list[torch.Tensor | None] = [None] * kw
+    columns[half - 1] = _weight_grad(x, grad, (c, 1, kh, 3), (kh // 2, 1))
+    padded = F.pad(x, (half, half, 0, 0))
+    width = x.shape[-1]
+    for col in [*range(half - 1), *range(half + 2, kw)]:
+        shifted = padded[..., col : col + width].contiguous(memory_format=_format(x))
+        columns[col] = _weight_grad(shifted, grad, (c, 1, kh, 1), (kh // 2, 0))
+    return torch.cat([g for g in columns if g is not None], dim=3)
+
+
+def depthwise(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    stride: tuple[int, int] = (1, 1),
+    padding: tuple[int, int] = (0, 0),
+    dilation: tuple[int, int] = (1, 1),
+) -> torch.Tensor:
+    """A depthwise convolution without bias. Stride-1 "same" ones that are 5-wide or
+    dilated go through :class:`_Depthwise` on CPU (outside autocast); a stride-2
+    dilation-2 one reads only the even pixels, so it runs as a plain convolution on them."""
+    k, k_w = weight.shape[-2:]
+    d = dilation[0]
+    same = k == k_w and k % 2 == 1 and tuple(padding) == (d * (k // 2),) * 2
+    even = x.shape[-1] % 2 == 0 and x.shape[-2] % 2 == 0
+    if (
+        x.device.type != "cpu" or torch.is_autocast_enabled("cpu") or not same
+        or tuple(dilation) not in ((1, 1), (2, 2))
+    ):  # fmt: skip
+        return F.conv2d(x, weight, None, stride, padding, dilation, groups=weight.shape[0])
+    if tuple(stride) == (2, 2) and d == 2 and even:  # every tap lands on an even pixel
+        evens = x[:, :, ::2, ::2].contiguous(memory_format=_format(x))
+        return depthwise(evens, weight, padding=(k // 2, k // 2))
+    if tuple(stride) != (1, 1) or (d == 1 and k <= 3) or (d == 2 and not even):
+        return F.conv2d(x, weight, None, stride, padding, dilation, groups=weight.shape[0])
+    return _Depthwise.apply(x, weight, d)
+
+
+def _is_depthwise(m: nn.Module) -> bool:
+    return (
+        isinstance(m, nn.Conv2d) and m.groups == m.in_channels == m.out_channels > 1
+        and m.bias is None and m.padding_mode == "zeros"
+    )  # fmt: skip
+
+
+def scaled_batch_norm(
+    bn: nn.BatchNorm2d, x: torch.Tensor, scale: torch.Tensor | None
+) -> torch.Tensor:
+    """``scale · bn(x)`` for a non-affine, batch-statistics BatchNorm, in one kernel: the
+    edge weight becomes the BatchNorm's affine weight, so neither the product nor its two
+    gradient products are separate passes over the tensor."""
+    if scale is None or bn.affine or bn.track_running_stats:
+        return bn(x) if scale is None else scale * bn(x)
+    # a materialised weight: torch 2.14's CPU BatchNorm backward gets the input gradient of
+    # a channels_last tensor wrong with a stride-0 (expanded) weight
+    weight = scale.expand(x.shape[1]).contiguous()
+    return F.batch_norm(x, None, None, weight, None, training=True, eps=bn.eps)
+
+
+def conv_op(
+    op: nn.Sequential, relu_x: torch.Tensor, scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``scale ·`` a SepConv / DilConv / ReLUConvBN (``ReLU -> ... -> BN``) applied to an
+    already rectified input."""
+    *body, bn = list(op)[1:]
+    for m in body:
+        if _is_depthwise(m):
+            relu_x = depthwise(relu_x, m.weight, m.stride, m.padding, m.dilation)  # type: ignore[arg-type]
+        else:
+            relu_x = m(relu_x)
+    return scaled_batch_norm(bn, relu_x, scale)
+
+
+def preprocess(op: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A cell's input preprocessing (ReLUConvBN or FactorizedReduce) by the fast path."""
+    if isinstance(op, FactorizedReduce):
+        return factorized_reduce(op, F.relu(x))
+    if isinstance(op, nn.Sequential) and isinstance(op[0], nn.ReLU):
+        return conv_op(op, F.relu(x))
+    return op(x)
+
+
+def factorized_reduce(
+    op: FactorizedReduce, relu_x: torch.Tensor, scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``scale ·`` a ``FactorizedReduce`` applied to an already rectified input."""
+    halves = [op.conv_1(relu_x), op.conv_2(relu_x[:, :, 1:, 1:])]
+    return scaled_batch_norm(op.bn, torch.cat(halves, dim=1), scale)
+
+
+class SharedInputs:
+    """What every edge leaving one state computes alike: the rectified state and the
+    pooled-and-normalised state, each computed on first use."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.x = x
+        self._relu: torch.Tensor | None = None
+        self._pooled: dict[int, torch.Tensor] = {}
+
+    def relu(self) -> torch.Tensor:
+        if self._relu is None:
+            self._relu = F.relu(self.x)
+        return self._relu
+
+    def pooled(self, k: int, op: nn.Module) -> torch.Tensor:
+        """The output of parameter-free primitive ``k`` (the same on every edge)."""
+        if k not in self._pooled:
+            self._pooled[k] = op(self.x)
+        return self._pooled[k]
+
+
+#: The primitive the fast path leaves out (its output is zero), and the ones whose output
+#: is the same on every edge leaving a state.
+_SKIPPED = PRIMITIVES.index(NONE_OP)
+_PARAMETER_FREE = frozenset(k for k, name in enumerate(PRIMITIVES) if OPS[name].parameter_free)
+
+
+def mixed_edge(
+    ops: nn.ModuleList, shared: SharedInputs, weights: torch.Tensor, total: torch.Tensor | None
+) -> torch.Tensor:
+    """``total + Σ_k weights[k] · ops[k](x)`` (``x = shared.x``), by the fast path."""
+    for k, op in enumerate(ops):
+        w = weights[k]
+        if k == _SKIPPED:
+            continue
+        if k in _PARAMETER_FREE:  # shared between edges: weighted here
+            y = shared.pooled(k, op)
+        elif isinstance(op, Identity):
+            y = shared.x
+        else:  # ops ending in a non-affine BatchNorm: the weight goes into it
+            if isinstance(op, FactorizedReduce):
+                y = factorized_reduce(op, shared.relu(), w)
+            elif isinstance(op, nn.Sequential) and isinstance(op[0], nn.ReLU):
+                y = conv_op(op, shared.relu(), w)
+            else:  # a primitive this path does not know: run it as it is
+                y = w * op(shared.x)
+            total = y if total is None else total + y
+            continue
+        total = w * y if total is None else torch.addcmul(total, w, y)
+    assert total is not None
+    return total
