@@ -165,12 +165,15 @@ def conv_op(
 ) -> torch.Tensor:
     """``scale ·`` a SepConv / DilConv / ReLUConvBN (``ReLU -> ... -> BN``) applied to an
     already rectified input."""
-    *body, bn = list(op)[1:]
+    body = list(op)[1:]
+    bn = body.pop() if body and isinstance(body[-1], nn.BatchNorm2d) else None
     for m in body:
         if _is_depthwise(m):
             relu_x = depthwise(relu_x, m.weight, m.stride, m.padding, m.dilation)  # type: ignore[arg-type]
         else:
             relu_x = m(relu_x)
+    if bn is None:
+        return relu_x if scale is None else scale * relu_x
     return scaled_batch_norm(bn, relu_x, scale)
 
 
