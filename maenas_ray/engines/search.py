@@ -35,6 +35,7 @@ from maenas_ray.engines.state import load_state, save_state
 from maenas_ray.mae import MaskedAutoencoder, build_decoder, masked_mse, masked_psnr
 from maenas_ray.mae.masking import apply_mask, random_patch_mask
 from maenas_ray.space import Genotype, Supernet
+from maenas_ray.space.cells import BN_STATISTICS
 from maenas_ray.space.supernet import Formulation
 
 CHECKPOINT_FILE = "search_state.pt"
@@ -258,11 +259,6 @@ def unrolled_arch_gradients(
     return result, loss_a.detach(), pred_a.detach()
 
 
-#: BatchNorm buffers that older checkpoints hold for the search cells' non-affine
-#: BatchNorms, which now normalise with batch statistics only; they are dropped on load.
-_BN_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
-
-
 class SearchLoop:
     """The state of one search and its steps; ``run_search`` drives it.
 
@@ -340,9 +336,11 @@ class SearchLoop:
                 "the checkpoint was written with another config; resuming would not continue "
                 f"the same search. Changed: {'; '.join(changes)}"
             )
+        # older checkpoints hold running statistics for the search cells' non-affine
+        # BatchNorms, which now normalise with batch statistics only: dropped on load
         own = self.model.state_dict()
         model_state = {
-            k: v for k, v in state["model"].items() if k in own or not k.endswith(_BN_STATISTICS)
+            k: v for k, v in state["model"].items() if k in own or not k.endswith(BN_STATISTICS)
         }
         try:
             self.model.load_state_dict(model_state)

@@ -83,6 +83,10 @@ def _preprocess(
     return pre0, ReLUConvBN(c_prev, c, 1, 1, 0, affine=affine)
 
 
+#: The buffers of a BatchNorm that tracks running statistics.
+BN_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+
+
 def batch_statistics_only(module: nn.Module) -> None:
     """Make every non-affine BatchNorm in ``module`` normalise with batch statistics only.
 
@@ -94,7 +98,7 @@ def batch_statistics_only(module: nn.Module) -> None:
     for m in module.modules():
         if isinstance(m, nn.BatchNorm2d) and not m.affine:
             m.track_running_stats = False
-            for name in ("running_mean", "running_var", "num_batches_tracked"):
+            for name in BN_STATISTICS:
                 setattr(m, name, None)
 
 

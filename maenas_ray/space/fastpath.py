@@ -127,16 +127,15 @@ def depthwise(
     same = k == k_w and k % 2 == 1 and tuple(padding) == (d * (k // 2),) * 2
     even = x.shape[-1] % 2 == 0 and x.shape[-2] % 2 == 0
     if (
-        x.device.type != "cpu" or torch.is_autocast_enabled("cpu") or not same
-        or tuple(dilation) not in ((1, 1), (2, 2))
+        x.device.type == "cpu" and not torch.is_autocast_enabled("cpu") and same
+        and tuple(dilation) in ((1, 1), (2, 2))
     ):  # fmt: skip
-        return F.conv2d(x, weight, None, stride, padding, dilation, groups=weight.shape[0])
-    if tuple(stride) == (2, 2) and d == 2 and even:  # every tap lands on an even pixel
-        evens = x[:, :, ::2, ::2].contiguous(memory_format=_format(x))
-        return depthwise(evens, weight, padding=(k // 2, k // 2))
-    if tuple(stride) != (1, 1) or (d == 1 and k <= 3) or (d == 2 and not even):
-        return F.conv2d(x, weight, None, stride, padding, dilation, groups=weight.shape[0])
-    return _Depthwise.apply(x, weight, d)
+        if tuple(stride) == (2, 2) and d == 2 and even:  # every tap lands on an even pixel
+            evens = x[:, :, ::2, ::2].contiguous(memory_format=_format(x))
+            return depthwise(evens, weight, padding=(k // 2, k // 2))
+        if tuple(stride) == (1, 1) and (k > 3 if d == 1 else even):
+            return _Depthwise.apply(x, weight, d)
+    return F.conv2d(x, weight, None, stride, padding, dilation, groups=weight.shape[0])
 
 
 def _is_depthwise(m: nn.Module) -> bool:
@@ -226,9 +225,9 @@ def mixed_edge(
 ) -> torch.Tensor:
     """``total + Σ_k weights[k] · ops[k](x)`` (``x = shared.x``), by the fast path."""
     for k, op in enumerate(ops):
-        w = weights[k]
         if k == _SKIPPED:
             continue
+        w = weights[k]
         if k in _PARAMETER_FREE:  # shared between edges: weighted here
             y = shared.pooled(k, op)
         elif isinstance(op, Identity):
