@@ -126,17 +126,20 @@ def test_a_sweep_spreads_trials_over_worker_nodes_into_one_shared_directory(
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "at most 2 at once" in out  # two logical GPUs, one per trial
-    # each trial's Ray Train worker ran on its own worker node, at the same time
+    # each trial (one worker: the search runs in the trial's own process) ran on its own
+    # worker node, at the same time
     from ray.util.state import list_actors
 
-    workers = list_actors(filters=[("class_name", "=", "RayTrainWorker")], detail=True)
-    assert sorted(a.node_id for a in workers) == sorted(worker_ids)
-    spans = []
+    spans, pids = [], set()
     for trial in sorted(store.glob("mn/trial_*")):
         rows = [json.loads(line) for line in (trial / "result.json").read_text().splitlines()]
         spans.append((rows[0]["timestamp"] - rows[0]["time_total_s"], rows[-1]["timestamp"]))
+        pids.add(rows[0]["pid"])
         assert (trial / "genotype.json").is_file() and (trial / "search").is_dir()
     assert len(spans) == 2 and max(s for s, _ in spans) < min(e for _, e in spans)
+    trial_actors = [a for a in list_actors(detail=True, limit=10_000) if a.pid in pids]
+    assert sorted(a.node_id for a in trial_actors) == sorted(worker_ids)
+    assert not list_actors(filters=[("class_name", "=", "RayTrainWorker")])
     # everything is in the one shared directory; the genotypes pull reads it
     exp = load_experiment(str(store / "mn"))
     assert [t.status for t in exp.trials()] == ["done", "done"]

@@ -23,8 +23,14 @@ from optuna.storages.journal import JournalFileBackend
 from maenas_ray.config import ConfigError, config_from_dict, load_config
 from maenas_ray.engines import load_search_state, run_search
 from maenas_ray.orchestration import experiment as ex
-from maenas_ray.orchestration.search_job import merge, worker_resources
-from maenas_ray.orchestration.train_jobs import FAULT_ENV
+from maenas_ray.orchestration.search_job import (
+    DRIVER_CPU,
+    in_trial_process,
+    merge,
+    trial_resources,
+    worker_resources,
+)
+from maenas_ray.orchestration.train_jobs import FAULT_ENV, prune_checkpoints
 from maenas_ray.results import STUDY_JOURNAL
 from maenas_ray.space import Genotype
 from maenas_ray.sweep import QUICKSTART, main
@@ -177,6 +183,30 @@ def test_trial_resources_are_split_over_its_workers():
     assert "GPU" not in worker_resources(load_config(None, sweep=True))
 
 
+def test_a_one_worker_trial_runs_in_its_own_process_on_all_its_resources():
+    cpu = load_config(None, ["tune.cpus_per_trial=3"], sweep=True)
+    assert in_trial_process(cpu) and trial_resources(cpu) == {"cpu": 3}
+    half = load_config(None, ["tune.gpus_per_trial=0.5", "tune.cpus_per_trial=2"], sweep=True)
+    assert in_trial_process(half) and trial_resources(half) == {"cpu": 2, "gpu": 0.5}
+    # several workers: the trial is a driver, its Train workers reserve the rest
+    for sets in (["tune.gpus_per_trial=2"], ["tune.num_workers=2", "tune.cpus_per_trial=2"]):
+        dp = load_config(None, sets, sweep=True)
+        assert not in_trial_process(dp) and trial_resources(dp) == {"cpu": DRIVER_CPU}
+
+
+def test_prune_checkpoints_keeps_the_newest_epochs(tmp_path):
+    import pyarrow.fs
+
+    names = [f"checkpoint_epoch_{e:05d}" for e in (1, 2, 10, 3)] + ["checkpoint_epoch_00010_final"]
+    for name in [*names, "other"]:
+        (tmp_path / name).mkdir()
+    prune_checkpoints(pyarrow.fs.LocalFileSystem(), str(tmp_path), 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "checkpoint_epoch_00010", "checkpoint_epoch_00010_final", "other"
+    ]  # fmt: skip
+    prune_checkpoints(pyarrow.fs.LocalFileSystem(), str(tmp_path / "missing"), 2)  # no error
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -283,6 +313,8 @@ def test_sweep_runs_trials_that_open_with_tune_and_optuna(tmp_path, capsys):
     experiment = store / "it"
     results = _results(experiment)
     assert len(results) == 3 and not results.errors
+    # two trial processes at a time for three trials: one went on with the third trial
+    assert len({r.metrics["pid"] for r in results}) == 2
     study = _study(experiment, "it")
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 3
     assert sorted(t.value for t in study.trials) == sorted(r.metrics["eval_loss"] for r in results)
@@ -294,6 +326,10 @@ def test_sweep_runs_trials_that_open_with_tune_and_optuna(tmp_path, capsys):
         for picture in ("reconstruction.png", "alphas.png", "cells.png"):
             assert (trial / picture).stat().st_size > 0
         assert result.metrics["epoch"] == 2 and result.checkpoint is not None
+        # the search ran in the trial process: its checkpoints, as a Train run's, by epoch
+        assert sorted(p.name for p in (trial / "search").iterdir()) == [
+            "checkpoint_epoch_00001", "checkpoint_epoch_00002"
+        ]  # fmt: skip
         assert set(result.config["search"]) == {"mask_ratio", "patch_size", "decoder_depth"}
         assert result.config["search"]["patch_size"] in (4, 8)
         assert 0.3 <= result.config["search"]["mask_ratio"] <= 0.7

@@ -30,7 +30,7 @@ from maenas_ray.config import (
     config_from_dict,
     numeric_type,
 )
-from maenas_ray.orchestration.search_job import DRIVER_CPU, search_trial
+from maenas_ray.orchestration.search_job import in_trial_process, search_trial, trial_resources
 from maenas_ray.results import CONFIG_FILE, STUDY_JOURNAL
 from maenas_ray.storage import Storage, StorageError, check_writable, resolve_storage
 
@@ -126,9 +126,9 @@ def trial_dirname(trial: Any) -> str:
 
 
 def trainable(cfg: Config) -> Any:
-    """The Tune trainable with the driver's own (tiny) resources; workers get their own."""
+    """The Tune trainable with its resources (``search_job.trial_resources``)."""
     fn = ray.tune.with_parameters(search_trial, base=cfg.to_dict())
-    return ray.tune.with_resources(fn, {"cpu": DRIVER_CPU})
+    return ray.tune.with_resources(fn, trial_resources(cfg))
 
 
 def max_concurrent(cfg: Config, resources: dict[str, float]) -> int:
@@ -182,6 +182,9 @@ def build_tuner(cfg: Config, storage: Storage, name: str, concurrency: int) -> r
             num_samples=t.num_samples,
             max_concurrent_trials=concurrency,
             trial_dirname_creator=trial_dirname,
+            # a trial process that ran its search goes on with the next trial: no new
+            # process, no second import of torch (Tune starts a fresh one after a crash)
+            reuse_actors=in_trial_process(cfg),
         ),
         run_config=ray.tune.RunConfig(
             name=name,

@@ -6,25 +6,28 @@ from the newest readable checkpoint there.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pyarrow.fs
 import ray.train
+import torch
 from ray.train.torch import TorchTrainer
 
 from maenas_ray.config import Config, config_from_dict
 from maenas_ray.engines.retrain import (
     RETRAIN_FILE,
     RetrainPlan,
+    RetrainResult,
     load_retrain_state,
     run_retrain,
     save_retrain_state,
 )
 from maenas_ray.orchestration.train_jobs import (
     ReportEpochs,
+    TuneReports,
     latest_state,
     prepare_model,
-    report_final,
     run_config,
     setup_worker,
     torch_config,
@@ -35,30 +38,45 @@ from maenas_ray.space import Genotype
 def retrain_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train worker loop: one (data-parallel share of a) retraining, resumed if possible."""
     cfg = config_from_dict(loop_config["config"])
-    genotype = Genotype.from_json(loop_config["genotype"])
-    proxy = loop_config["proxy"]
     rank = setup_worker(cfg.retrain.device, loop_config["cpus_per_worker"])
     fs, run_dir = loop_config["filesystem"], loop_config["run_dir"]
+    reporter = ReportEpochs(rank, "retrain", fs, run_dir.rsplit("/", 1)[0])
+    retrain_stage(
+        cfg, Genotype.from_json(loop_config["genotype"]), loop_config["proxy"], fs, run_dir,
+        reporter, prepare_model=prepare_model,
+    )  # fmt: skip
+
+
+def retrain_stage(
+    cfg: Config,
+    genotype: Genotype,
+    proxy: bool,
+    fs: pyarrow.fs.FileSystem,
+    run_dir: str,
+    reporter: ReportEpochs | TuneReports,
+    prepare_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+) -> RetrainResult:
+    """Retrain ``genotype``, resumed from the newest readable checkpoint in ``run_dir``;
+    ``reporter`` reports each epoch (in a Train worker or in the Tune trial itself)."""
     state = None
     found = latest_state(fs, run_dir, RETRAIN_FILE, load_retrain_state)
     if found is not None:
         state, path = found
-        if rank == 0:
+        if reporter.rank == 0:
             print(f"resuming the retraining from epoch {state['epoch']} ({path})", flush=True)
-    reporter = ReportEpochs(rank, "retrain", fs, run_dir.rsplit("/", 1)[0])
     result = run_retrain(
-        cfg, genotype, reporter, proxy=proxy, resume_from=state,
-        prepare_model=prepare_model,
-    )  # fmt: skip
+        cfg, genotype, reporter, proxy=proxy, resume_from=state, prepare_model=prepare_model
+    )
     epochs = RetrainPlan.of(cfg, proxy).epochs
     if state is not None and state["epoch"] >= epochs:
-        report_final(result.metrics, rank, lambda d: save_retrain_state(state, d), epochs)
-    if rank == 0:
+        reporter.final(result.metrics, lambda d: save_retrain_state(state, d), epochs)
+    if reporter.rank == 0:
         print(
             f"retrained: {result.parameters:,} parameters, {result.macs / 1e6:.1f}M multiply-adds, "
             f"top-1 {result.metrics.get('top1', float('nan')):.4f}",
             flush=True,
         )
+    return result
 
 
 def retrain_trainer(

@@ -1,15 +1,21 @@
-"""One sweep trial: a Ray Tune function that runs one MAE-DARTS search as a Ray Train job
-(and, with the ``proxy_top1`` objective, a short proxy retrain of the found genotype).
+"""One sweep trial: a Ray Tune function that runs one MAE-DARTS search (and, with the
+``proxy_top1`` objective, a short proxy retrain of the found genotype).
 
-``search_trial`` (the Tune trainable, a lightweight driver) starts a ``TorchTrainer`` on the
-trial's resources: one worker per GPU (data parallel when there are several), or one CPU
-worker. Rank 0 reports every epoch to Ray Train with a checkpoint of the whole search
-state; a Train callback hands each report to the driver, which reports it to Ray Tune with
-that checkpoint. The Train runs live in the trial directory (``<trial>/search``,
-``<trial>/proxy``), so a restarted trial (Tune ``FailureConfig`` or ``--resume``) continues
-from its last checkpoints, and a search that had finished is not run again. At the end of
-the search rank 0 copies ``genotype.json``, ``search_result.json`` and the pictures into
-the trial directory on the storage (local, NFS, s3:// or gs://).
+- **One worker** (one GPU, a GPU fraction, or CPUs only): ``search_trial`` runs the search
+  in the Tune trial process itself, on the resources Tune reserved for the trial. Each
+  epoch's checkpoint is written to ``<trial>/search/checkpoint_epoch_<n>`` and reported to
+  Ray Tune with it.
+- **Several workers** (``gpus_per_trial`` > 1, or ``tune.num_workers``): ``search_trial``
+  is a lightweight driver that starts a data-parallel ``TorchTrainer`` on the trial's
+  resources. Rank 0 reports every epoch to Ray Train with a checkpoint in the same
+  ``<trial>/search`` directory; a Train callback hands each report to the driver, which
+  reports it to Ray Tune.
+
+Either way the runs live in the trial directory (``<trial>/search``, ``<trial>/proxy``), so a
+restarted trial (Tune ``FailureConfig`` or ``--resume``) continues from its last checkpoints,
+and a search that had finished is not run again. At the end of the search rank 0 copies
+``genotype.json``, ``search_result.json`` and the pictures into the trial directory on the
+storage (local, NFS, s3:// or gs://).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from typing import Any
 import pyarrow.fs
 import ray.train
 import ray.tune
+import torch
 from ray.train.torch import TorchTrainer
 
 from maenas_ray.config import Config, config_from_dict
@@ -34,8 +41,8 @@ from maenas_ray.engines import (
 from maenas_ray.orchestration.train_jobs import (
     ForwardReports,
     ReportEpochs,
+    TuneReports,
     latest_state,
-    report_final,
     require_visible,
     run_config,
     setup_worker,
@@ -70,6 +77,16 @@ def search_worker(loop_config: dict[str, Any]) -> None:
     cfg = config_from_dict(loop_config["config"])
     rank = setup_worker(cfg.search.device, worker_resources(cfg)["CPU"])
     fs, trial_dir = loop_config["filesystem"], loop_config["trial_dir"]
+    search_stage(cfg, fs, trial_dir, ReportEpochs(rank, "search", fs, trial_dir))
+
+
+def search_stage(
+    cfg: Config, fs: pyarrow.fs.FileSystem, trial_dir: str, reporter: ReportEpochs | TuneReports
+) -> None:
+    """The search of a trial, resumed from the newest readable checkpoint in
+    ``<trial_dir>/search``; ``reporter`` reports each epoch (in a Train worker or in the Tune
+    trial itself). Rank 0 copies the genotype, pictures and final metrics to ``trial_dir``."""
+    rank = reporter.rank
     require_visible(fs, f"{trial_dir.rsplit('/', 1)[0]}/{CONFIG_FILE}", "the sweep's config")
     state = None
     found = latest_state(fs, f"{trial_dir}/{SEARCH_RUN}", CHECKPOINT_FILE, load_search_state)
@@ -78,13 +95,10 @@ def search_worker(loop_config: dict[str, Any]) -> None:
         if rank == 0:
             print(f"resuming the search from epoch {state['epoch']} ({path})", flush=True)
     with tempfile.TemporaryDirectory(prefix="maenas-artifacts-") as out:
-        reporter = ReportEpochs(rank, "search", fs, trial_dir)
         result = run_search(cfg, reporter, resume_from=state, out_dir=out if rank == 0 else None)
         if state is not None and state["epoch"] >= cfg.search.epochs:
             # the search had finished before the restart: report its result once more
-            report_final(
-                result.metrics, rank, lambda d: save_search_state(state, d), state["epoch"]
-            )
+            reporter.final(result.metrics, lambda d: save_search_state(state, d), state["epoch"])
         if rank == 0:
             (Path(out) / SEARCH_RESULT).write_text(json.dumps(result.metrics) + "\n")
             upload(Path(out), ARTIFACTS, fs, trial_dir)
@@ -110,14 +124,21 @@ def _read_json(fs: pyarrow.fs.FileSystem, path: str) -> dict[str, Any] | None:
 
 def search_trial(params: dict[str, Any], base: dict[str, Any]) -> None:
     """Ray Tune trainable: the sweep's ``base`` config with this trial's tuned ``params``
-    (e.g. ``{"search": {"mask_ratio": 0.6}}``): its search as a Ray Train job, then, for the
-    ``proxy_*`` objectives, the proxy retrain of the derived genotype."""
+    (e.g. ``{"search": {"mask_ratio": 0.6}}``): its search, then, for the ``proxy_*``
+    objectives, the proxy retrain of the derived genotype.
+
+    A one-worker trial runs both in this process, on the resources Tune gave the trial; a
+    data-parallel one (several workers) runs each as a Ray Train job."""
     config = merge(base, params)
     cfg = config_from_dict(config)
     storage = ray.tune.get_context().get_storage()
     trial_dir, fs = storage.trial_fs_path, storage.storage_filesystem
     require_visible(fs, f"{storage.experiment_fs_path}/{CONFIG_FILE}", "the sweep's config")
     proxy = cfg.objective.metric.startswith("proxy_")
+    in_trial = in_trial_process(cfg)
+    if in_trial:
+        torch.set_num_threads(max(1, round(cfg.tune.cpus_per_trial)))
+    keep = cfg.tune.checkpoints_to_keep
     scaling = ray.train.ScalingConfig(
         num_workers=cfg.tune.workers(),
         use_gpu=cfg.tune.gpus_per_trial > 0,
@@ -125,35 +146,63 @@ def search_trial(params: dict[str, Any], base: dict[str, Any]) -> None:
     )
     search = _read_json(fs, f"{trial_dir}/{SEARCH_RESULT}")
     if search is None:  # not done yet (a restarted trial whose search finished skips it)
-        forward = ForwardReports()
-        trainer = TorchTrainer(
-            search_worker,
-            train_loop_config={"config": config, "trial_dir": trial_dir, "filesystem": fs},
-            scaling_config=scaling,
-            torch_config=torch_config(),
-            run_config=run_config(
-                SEARCH_RUN, trial_dir, fs, cfg.tune.checkpoints_to_keep, [forward]
-            ),
-        )
         # Tune needs the objective in every result: a placeholder until the proxy has one
         placeholder = {cfg.objective.metric: float("nan")} if proxy else {}
-        forward.fit_and_report_to_tune(trainer, lambda m: {**m, **placeholder})
+        if in_trial:
+            run_dir = f"{trial_dir}/{SEARCH_RUN}"
+            reporter = TuneReports("search", fs, run_dir, keep, lambda m: {**m, **placeholder})
+            search_stage(cfg, fs, trial_dir, reporter)
+        else:
+            forward = ForwardReports()
+            trainer = TorchTrainer(
+                search_worker,
+                train_loop_config={"config": config, "trial_dir": trial_dir, "filesystem": fs},
+                scaling_config=scaling,
+                torch_config=torch_config(),
+                run_config=run_config(SEARCH_RUN, trial_dir, fs, keep, [forward]),
+            )
+            forward.fit_and_report_to_tune(trainer, lambda m: {**m, **placeholder})
         search = _read_json(fs, f"{trial_dir}/{SEARCH_RESULT}")
         if search is None:
-            raise RuntimeError(f"the search job ended without writing {trial_dir}/{SEARCH_RESULT}")
+            raise RuntimeError(f"the search ended without writing {trial_dir}/{SEARCH_RESULT}")
     elif not proxy:  # finished before this restart: its final result once more, for Tune
         ray.tune.report(search)
     if not proxy:
         return
-    from maenas_ray.orchestration.retrain_job import retrain_trainer
+    from maenas_ray.orchestration.retrain_job import retrain_stage, retrain_trainer
     from maenas_ray.space import Genotype
 
+    genotype = Genotype.from_json(search["genotype"])
+
+    def with_search(metrics: dict[str, Any]) -> dict[str, Any]:
+        return {**search, **{f"proxy_{k}": v for k, v in metrics.items()}}
+
+    if in_trial:
+        run_dir = f"{trial_dir}/{PROXY_RUN}"
+        reporter = TuneReports("retrain", fs, run_dir, keep, with_search)
+        retrain_stage(cfg, genotype, True, fs, run_dir, reporter)
+        return
     forward = ForwardReports()
     trainer = retrain_trainer(
-        cfg, Genotype.from_json(search["genotype"]), storage_path=trial_dir, name=PROXY_RUN,
-        filesystem=fs, proxy=True, scaling=scaling, callbacks=[forward],
-        keep=cfg.tune.checkpoints_to_keep,
+        cfg, genotype, storage_path=trial_dir, name=PROXY_RUN, filesystem=fs, proxy=True,
+        scaling=scaling, callbacks=[forward], keep=keep,
     )  # fmt: skip
-    forward.fit_and_report_to_tune(
-        trainer, lambda m: {**search, **{f"proxy_{k}": v for k, v in m.items()}}
-    )
+    forward.fit_and_report_to_tune(trainer, with_search)
+
+
+def in_trial_process(cfg: Config) -> bool:
+    """Whether a trial runs its search (and proxy retrain) in the Tune trial process itself:
+    with one worker there is nothing to distribute, and a Ray Train job would only add its
+    controller, worker process and process group to every trial."""
+    return cfg.tune.workers() == 1
+
+
+def trial_resources(cfg: Config) -> dict[str, float]:
+    """What the Tune trial itself reserves: all of the trial's CPUs and GPUs when it runs
+    in its own process, else only the driver's share (the Train workers get their own)."""
+    if not in_trial_process(cfg):
+        return {"cpu": DRIVER_CPU}
+    resources = {"cpu": cfg.tune.cpus_per_trial}
+    if cfg.tune.gpus_per_trial > 0:
+        resources["gpu"] = cfg.tune.gpus_per_trial
+    return resources

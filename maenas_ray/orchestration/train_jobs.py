@@ -82,8 +82,24 @@ def setup_worker(device: str, cpus: float) -> int:
     return ray.train.get_context().get_world_rank()
 
 
+def inject_fault(stage: str, epoch: int, fs: pyarrow.fs.FileSystem, marker_dir: str) -> None:
+    """Test-only: exit this process abruptly when ``MAENAS_RAY_FAULT`` is
+    ``<stage>:exit@<epoch>``, once per run (a marker file in ``marker_dir``)."""
+    fault = os.environ.get(FAULT_ENV, "")
+    if fault != f"{stage}:exit@{epoch}":
+        return
+    marker = f"{marker_dir}/fault-injected-{fault.replace(':', '-')}"
+    if fs.get_file_info(marker).type != pyarrow.fs.FileType.NotFound:
+        return
+    with fs.open_output_stream(marker) as f:
+        f.write(b"the process exited here on purpose\n")
+    print(f"{FAULT_ENV}={fault}: exiting the process", flush=True)
+    os._exit(17)
+
+
 class ReportEpochs(SearchCallback):
-    """Every rank reports each epoch to Ray Train; rank 0 attaches the checkpoint."""
+    """In a Ray Train worker: every rank reports each epoch to Ray Train; rank 0 attaches
+    the checkpoint (Train writes it to the run directory)."""
 
     def __init__(self, rank: int, stage: str, fs: pyarrow.fs.FileSystem, marker_dir: str):
         self.rank, self.stage, self.fs, self.marker_dir = rank, stage, fs, marker_dir
@@ -99,33 +115,74 @@ class ReportEpochs(SearchCallback):
                 checkpoint=ray.train.Checkpoint.from_directory(tmp),
                 checkpoint_dir_name=checkpoint_dir_name(report.epoch),
             )
-        self._inject_fault(report.epoch)
+        inject_fault(self.stage, report.epoch, self.fs, self.marker_dir)
 
-    def _inject_fault(self, epoch: int) -> None:
-        fault = os.environ.get(FAULT_ENV, "")
-        if fault != f"{self.stage}:exit@{epoch}":
+    def final(self, metrics: dict[str, Any], save: Callable[[str], Any], epoch: int) -> None:
+        """Report a run that had finished before its restart once more (rank 0 with its
+        checkpoint)."""
+        if self.rank != 0:
+            ray.train.report(metrics)
             return
-        marker = f"{self.marker_dir}/fault-injected-{fault.replace(':', '-')}"
-        if self.fs.get_file_info(marker).type != pyarrow.fs.FileType.NotFound:
-            return
-        with self.fs.open_output_stream(marker) as f:
-            f.write(b"the Train worker exited here on purpose\n")
-        print(f"{FAULT_ENV}={fault}: exiting the Train worker", flush=True)
-        os._exit(17)
+        with tempfile.TemporaryDirectory(prefix="maenas-ckpt-") as tmp:
+            save(tmp)
+            ray.train.report(
+                metrics,
+                checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                checkpoint_dir_name=checkpoint_dir_name(epoch, "_final"),
+            )
 
 
-def report_final(metrics: dict[str, Any], rank: int, save: Callable[[str], Any], epoch: int):
-    """Report a run that had finished before its restart once more (with its checkpoint)."""
-    if rank != 0:
-        ray.train.report(metrics)
-        return
-    with tempfile.TemporaryDirectory(prefix="maenas-ckpt-") as tmp:
-        save(tmp)
-        ray.train.report(
-            metrics,
-            checkpoint=ray.train.Checkpoint.from_directory(tmp),
-            checkpoint_dir_name=checkpoint_dir_name(epoch, "_final"),
-        )
+class TuneReports(SearchCallback):
+    """In the Tune trial process itself (a one-worker trial, no Ray Train job): each epoch's
+    checkpoint goes to ``<run_dir>/checkpoint_epoch_<n>`` on the storage (the newest ``keep``
+    are kept, as Ray Train's ``num_to_keep`` does), then the epoch is reported to Ray Tune
+    with the same checkpoint. The layout is that of a Train run, so resuming reads both."""
+
+    rank = 0
+
+    def __init__(
+        self,
+        stage: str,
+        fs: pyarrow.fs.FileSystem,
+        run_dir: str,
+        keep: int,
+        transform: Callable[[dict], dict] = lambda m: m,
+    ) -> None:
+        self.stage, self.fs, self.run_dir, self.keep = stage, fs, run_dir, keep
+        self.transform = transform
+
+    def on_epoch_end(self, report: EpochReport) -> None:
+        self._report(report.metrics, report.save_checkpoint, checkpoint_dir_name(report.epoch))
+        inject_fault(self.stage, report.epoch, self.fs, self.run_dir.rsplit("/", 1)[0])
+
+    def final(self, metrics: dict[str, Any], save: Callable[[str], Any], epoch: int) -> None:
+        """Report a run that had finished before its restart once more, with its checkpoint."""
+        self._report(metrics, save, checkpoint_dir_name(epoch, "_final"))
+
+    def _report(self, metrics: dict[str, Any], save: Callable[[str], Any], name: str) -> None:
+        with tempfile.TemporaryDirectory(prefix="maenas-ckpt-") as tmp:
+            save(tmp)
+            self.fs.create_dir(f"{self.run_dir}/{name}", recursive=True)
+            pyarrow.fs.copy_files(
+                tmp, f"{self.run_dir}/{name}",
+                source_filesystem=pyarrow.fs.LocalFileSystem(), destination_filesystem=self.fs,
+            )  # fmt: skip
+            ray.tune.report(
+                self.transform(metrics), checkpoint=ray.tune.Checkpoint.from_directory(tmp)
+            )
+        prune_checkpoints(self.fs, self.run_dir, self.keep)
+
+
+def prune_checkpoints(fs: pyarrow.fs.FileSystem, run_dir: str, keep: int) -> None:
+    """Delete all but the newest ``keep`` ``checkpoint_epoch_*`` directories of a run."""
+    selector = pyarrow.fs.FileSelector(run_dir, allow_not_found=True)
+    names = sorted(
+        i.base_name
+        for i in fs.get_file_info(selector)
+        if i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith("checkpoint_epoch_")
+    )
+    for name in names[: max(0, len(names) - keep)]:
+        fs.delete_dir(f"{run_dir}/{name}")
 
 
 def upload(local_dir: Path, names: tuple[str, ...], fs: pyarrow.fs.FileSystem, dest: str) -> None:
