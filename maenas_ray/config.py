@@ -663,6 +663,15 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     return cls(**kwargs)
 
 
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error on one line: where, and what (PyYAML's own text spans several)."""
+    if isinstance(err, yaml.MarkedYAMLError) and err.problem_mark is not None:
+        mark = err.problem_mark
+        context = f" ({err.context})" if err.context else ""
+        return f"line {mark.line + 1}, column {mark.column + 1}: {err.problem}{context}"
+    return " ".join(str(err).split())
+
+
 def parse_override(item: str) -> tuple[str, Any]:
     """``"search.mask_ratio=0.6"`` -> ``("search.mask_ratio", 0.6)``; the value is YAML."""
     key, sep, raw = item.partition("=")
@@ -671,7 +680,9 @@ def parse_override(item: str) -> tuple[str, Any]:
     try:
         value = yaml.safe_load(raw)
     except yaml.YAMLError as err:
-        raise ConfigError(f"--set {item!r}: the value is not valid YAML ({err})") from None
+        raise ConfigError(
+            f"--set {item!r}: the value is not valid YAML ({yaml_problem(err)})"
+        ) from None
     return key.strip(), value
 
 
@@ -717,7 +728,9 @@ def load_config(
         try:
             data = yaml.safe_load(path.read_text())
         except yaml.YAMLError as err:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+            raise ConfigError(
+                f"config file {str(path)!r} is not valid YAML: {yaml_problem(err)}"
+            ) from None
         if data is None:
             data = {}
         if not isinstance(data, dict):

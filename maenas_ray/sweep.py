@@ -26,6 +26,7 @@ from maenas_ray.cli import (
     connect_ray,
 )
 from maenas_ray.config import Config, ConfigError, load_config
+from maenas_ray.lock import LockError, SweepLock
 from maenas_ray.results import STUDY_JOURNAL, ExperimentError, load_experiment
 from maenas_ray.storage import Storage, StorageError
 
@@ -147,7 +148,15 @@ def _run(args: argparse.Namespace, cfg: Config, storage, name: str) -> int:
     from maenas_ray.orchestration import experiment as ex
 
     exp = storage.experiment(name)
+    lock = SweepLock(exp)
+    if args.resume:  # refused before Ray starts when the sweep is still running
+        try:
+            lock.acquire()
+        except LockError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     if not connect_ray(args):
+        lock.release()
         return 2
     try:
         ex.check_shared_storage(storage)
@@ -157,6 +166,9 @@ def _run(args: argparse.Namespace, cfg: Config, storage, name: str) -> int:
         else:
             concurrency = ex.max_concurrent(cfg, ray.cluster_resources())
             exp.fs.create_dir(exp.path, recursive=True)
+            lock.acquire()  # a sweep of the same name that started meanwhile holds it
+            if exp.exists(ex.CONFIG_FILE):  # ... or one that has already come and gone
+                raise LockError(f"experiment {exp.uri} was created meanwhile by another sweep")
             exp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), ex.CONFIG_FILE)
             print(
                 f"sweep {name}: {cfg.tune.num_samples} trials, at most {concurrency} at once, "
@@ -165,10 +177,11 @@ def _run(args: argparse.Namespace, cfg: Config, storage, name: str) -> int:
             )
             tuner = ex.build_tuner(cfg, storage, name, concurrency)
         results = tuner.fit()
-    except (ConfigError, StorageError) as err:
+    except (ConfigError, StorageError, LockError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     finally:
+        lock.release()
         if not args.address:
             ray.shutdown()
     return _summary(cfg, exp, results.errors)

@@ -456,7 +456,7 @@ def _sweep_command(config, store, *extra):
             *extra]  # fmt: skip
 
 
-def test_a_killed_sweep_resumes_without_rerunning_finished_epochs(tmp_path):
+def test_a_killed_sweep_resumes_without_rerunning_finished_epochs(tmp_path, capsys):
     config = write_config(
         tmp_path, search={"epochs": 3}, tune={"num_samples": 3, "checkpoints_to_keep": 10}
     )
@@ -473,6 +473,9 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_epochs(tmp_path):
         assert proc.poll() is None, (tmp_path / "first.log").read_text()
         assert time.monotonic() < deadline, "no checkpoint within 5 minutes"
         time.sleep(0.2)
+    # while it runs, the experiment is its own: a --resume of it is refused before Ray
+    assert main(_sweep_command(config, store, "--resume")[3:]) == 2
+    assert "is in use by a running sweep (host " in capsys.readouterr().err
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started
     proc.wait()
     log.close()
@@ -486,6 +489,7 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_epochs(tmp_path):
     )  # fmt: skip
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert f"resuming {experiment}" in resumed.stdout
+    assert not (experiment / "sweep.lock").exists()  # the dead driver's lock was taken over
     results = _results(experiment)
     assert len(results) == 3 and not results.errors
     assert all(r.metrics["epoch"] == 3 for r in results)
