@@ -108,6 +108,11 @@ class SearchConfig:
     arch_lr: float = 3e-4
     arch_betas: tuple[float, float] = (0.5, 0.999)
     arch_weight_decay: float = 1e-3
+    #: on a non-finite loss, go back to the end of the last epoch (the last checkpoint)
+    #: and retry with both learning rates times ``nan_lr_factor``, at most this many times;
+    #: 0 = the search stops with an error naming the epoch and step
+    nan_retries: int = 0
+    nan_lr_factor: float = 0.1
     #: second-order DARTS (unrolled step + finite-difference Hessian-vector product)
     unrolled: bool = False
     # evaluation at the end of each epoch: fixed images, fixed masks, so runs compare
@@ -156,6 +161,10 @@ class SearchConfig:
         if not all(0.0 <= b < 1.0 for b in self.arch_betas):
             _fail("search.arch_betas", list(self.arch_betas), "both must be in [0, 1)")
         _positive("search.eval_images", self.eval_images)
+        if self.nan_retries < 0:
+            _fail("search.nan_retries", self.nan_retries, "must be >= 0")
+        if not 0.0 < self.nan_lr_factor < 1.0:
+            _fail("search.nan_lr_factor", self.nan_lr_factor, "must be in (0, 1)")
 
 
 @dataclass

@@ -42,7 +42,8 @@ class LockError(RuntimeError):
     """The experiment is in use by another running sweep (names its host and pid)."""
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host exists."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -82,7 +83,7 @@ class SweepLock:
         if held is None or held.get("token") == self.token:
             return None
         if held.get("host") == socket.gethostname():
-            return held if _alive(int(held.get("pid", -1))) else None
+            return held if process_alive(int(held.get("pid", -1))) else None
         return held if self.heartbeat_age(held) < STALE_S else None
 
     def acquire(self) -> SweepLock:

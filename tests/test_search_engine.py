@@ -233,3 +233,30 @@ def test_only_the_search_sections_must_match_to_resume():
     assert config_changes(saved, {**saved, "search": {**saved["search"], "lr": 0.1}}) == [
         "search.lr: 0.025 -> 0.1"
     ]
+
+
+def test_a_non_finite_loss_stops_the_search_naming_epoch_and_step():
+    with pytest.raises(
+        FloatingPointError, match=r"non-finite reconstruction loss in epoch 1, step 1 "
+        r"\(learning rates: weights 1e\+10, α 0.0003; lower search.lr / search.arch_lr, or set "
+        r"search.nan_retries\)"
+    ):  # fmt: skip
+        run_search(tiny(lr=1e10, epochs=2))
+
+
+def test_nan_retries_go_back_to_the_last_epoch_with_lower_learning_rates(tmp_path):
+    # the first epoch diverges at lr 1e10; the retry starts it again at 1e10 * 1e-11
+    cfg = tiny(lr=1e10, lr_min=0.0, epochs=2, nan_retries=2, nan_lr_factor=1e-11)
+    recorder = Recorder(tmp_path)
+    with pytest.warns(UserWarning, match=r"step 1 .*; retrying from epoch 0 with the learning "
+                      r"rates times 1e-11 \(weights now 0.1; 1 retries left\)"):  # fmt: skip
+        result = run_search(cfg, recorder)
+    assert [r.epoch for r in recorder.reports] == [1, 2]
+    assert result.history[0]["lr"] == pytest.approx(0.1)
+    assert result.history[1]["lr"] == pytest.approx(0.05)  # the cosine schedule, scaled
+    state = load_search_state(tmp_path)  # a resume keeps the lowered rates
+    assert state["scheduler"]["base_lrs"] == [pytest.approx(0.1)]
+    assert state["a_opt"]["param_groups"][0]["lr"] == pytest.approx(cfg.search.arch_lr * 1e-11)
+    # too few retries, or a factor too mild: the error, after the retries it had
+    with pytest.warns(UserWarning, match="0 retries left"), pytest.raises(FloatingPointError):
+        run_search(tiny(lr=1e10, epochs=2, nan_retries=1, nan_lr_factor=0.5))

@@ -30,7 +30,12 @@ from maenas_ray.orchestration.search_job import (
     trial_resources,
     worker_resources,
 )
-from maenas_ray.orchestration.train_jobs import FAULT_ENV, prune_checkpoints
+from maenas_ray.orchestration.train_jobs import (
+    FAULT_ENV,
+    prune_checkpoints,
+    remove_stale_scratch,
+    scratch,
+)
 from maenas_ray.results import STUDY_JOURNAL
 from maenas_ray.space import Genotype
 from maenas_ray.sweep import QUICKSTART, main
@@ -418,6 +423,46 @@ def test_latest_search_state_skips_unreadable_checkpoints(tmp_path):
     assert loaded["epoch"] == 1 and "00-00-01" in path
 
 
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_scratch_directories_of_dead_processes_are_removed(tmp_path):
+    with scratch("artifacts") as mine:
+        assert Path(mine).name.startswith(f"maenas-artifacts-{os.getpid()}-")
+    dead, alive = _dead_pid(), os.getpid()
+    for name in (f"maenas-artifacts-{dead}-x1", f"maenas-ckpt-{dead}-x2",
+                 f"maenas-load-{alive}-x3", "maenas-artifacts-old", "unrelated"):  # fmt: skip
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "file").write_text("data")
+    removed = remove_stale_scratch(str(tmp_path))
+    assert sorted(Path(p).name for p in removed) == [
+        f"maenas-artifacts-{dead}-x1", f"maenas-ckpt-{dead}-x2"
+    ]  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [f"maenas-load-{alive}-x3", "maenas-artifacts-old", "unrelated"]
+    )  # fmt: skip
+
+
+def _stale_scratch() -> list[str]:
+    import tempfile
+
+    pattern = re.compile(r"^maenas-(artifacts|ckpt|load)-(\d+)-")
+    found = []
+    for entry in os.scandir(tempfile.gettempdir()):
+        match = pattern.match(entry.name)
+        if match:
+            try:
+                os.kill(int(match[2]), 0)
+            except ProcessLookupError:
+                found.append(entry.name)
+            except PermissionError:
+                pass
+    return found
+
+
 def test_a_crashed_trial_restarts_from_its_checkpoint(tmp_path, capsys, monkeypatch):
     # the Train worker process of the trial exits right after its epoch-1 checkpoint
     monkeypatch.setenv(FAULT_ENV, "search:exit@1")  # inherited by the Ray started below
@@ -437,6 +482,7 @@ def test_a_crashed_trial_restarts_from_its_checkpoint(tmp_path, capsys, monkeypa
         for p in glob.glob(str(trial / "search" / "checkpoint_*" / "search_state.pt"))
     )
     assert epochs == [1, 2, 3]  # epoch 1 was not computed again
+    assert _stale_scratch() == []  # the killed process's scratch was removed on restart
     # and the search is the one an uninterrupted run computes (CPU, same seed)
     trial_config = merge(yaml.safe_load((store / "crash" / ex.CONFIG_FILE).read_text()),
                          result.config)  # fmt: skip
@@ -448,6 +494,30 @@ def test_a_crashed_trial_restarts_from_its_checkpoint(tmp_path, capsys, monkeypa
         torch.set_num_threads(threads)
     assert alone.genotype == Genotype.from_json(result.metrics["genotype"])
     assert alone.metrics["eval_loss"] == pytest.approx(result.metrics["eval_loss"], rel=1e-5)
+
+
+def test_a_diverging_trial_is_marked_errored_not_scored(tmp_path, capsys):
+    # lr 1e10: the reconstruction loss is infinite at the second step of the first epoch
+    config = write_config(tmp_path, search={"lr": 1e10, "epochs": 1},
+                          tune={"num_samples": 2, "max_failures": 0})  # fmt: skip
+    store = tmp_path / "store"
+    rc = main(["--config", str(config), "--storage-path", str(store), "--name", "nan",
+               "--num-cpus", "2", "--no-dashboard"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert rc == 1, out
+    assert "2 trial(s) failed" in out
+    from maenas_ray.results import ExperimentError, load_experiment
+
+    exp = load_experiment(str(store / "nan"))
+    for trial in exp.trials():
+        assert trial.status == "error"
+        assert "non-finite reconstruction loss in epoch 1, step 1" in trial.error
+        assert not (Path(trial.path) / "search_result.json").exists()  # no result written
+    with pytest.raises(ExperimentError):
+        exp.best()  # nothing to rank: no score came from a diverged search
+    study = _study(store / "nan", "nan")
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL] * 2
+    assert not (store / "nan" / "sweep.lock").exists()
 
 
 def _sweep_command(config, store, *extra):

@@ -15,9 +15,11 @@ statistics differ) and one rank's checkpoint is the whole search.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -360,6 +362,18 @@ class SearchLoop:
                 f"the checkpoint does not fit this search: {err}"
             ) from None
 
+    def scale_lr(self, factor: float) -> None:
+        """Both learning rates times ``factor`` from here on (the cosine schedule of the
+        weights scaled with them; kept in the checkpoints through the optimiser and
+        scheduler states)."""
+        for opt in (self.w_opt, self.a_opt):
+            for group in opt.param_groups:
+                group["lr"] *= factor
+        sched = self.scheduler
+        sched.base_lrs = [lr * factor for lr in sched.base_lrs]
+        sched.eta_min *= factor
+        sched._last_lr = [g["lr"] for g in self.w_opt.param_groups]  # what get_last_lr gives
+
     # --- steps ------------------------------------------------------------------------
     def _mask(self, batch: int, patch: int | None = None, ratio: float | None = None,
               generator: torch.Generator | None = None) -> torch.Tensor:  # fmt: skip
@@ -467,7 +481,8 @@ class SearchLoop:
         if int(bad_step) >= 0:
             raise FloatingPointError(
                 f"non-finite reconstruction loss in epoch {self.epoch + 1}, step {int(bad_step)} "
-                f"(search.lr={s.lr}, search.arch_lr={s.arch_lr})"
+                f"(learning rates: weights {lr:.3g}, α {self.a_opt.param_groups[0]['lr']:.3g}; "
+                "lower search.lr / search.arch_lr, or set search.nan_retries)"
             )
         self.scheduler.step()
         self.epoch += 1
@@ -575,8 +590,27 @@ def run_search(
         state = resume_from if isinstance(resume_from, dict) else load_search_state(resume_from)
         search.restore(state)
     epochs = config.search.epochs
+    retries, factor = config.search.nan_retries, config.search.nan_lr_factor
+    snapshot = copy.deepcopy(search.state()) if retries else None
+    scale = 1.0  # of the learning rates, since the snapshot
     while search.epoch < epochs:
-        metrics = search.run_epoch()
+        try:
+            metrics = search.run_epoch()
+        except FloatingPointError as err:
+            if snapshot is None or retries == 0:
+                raise
+            retries, scale = retries - 1, scale * factor
+            search.restore(snapshot)
+            search.scale_lr(scale)
+            warnings.warn(
+                f"{err}; retrying from epoch {search.epoch} with the learning rates times "
+                f"{factor:g} (weights now {search.scheduler.get_last_lr()[0]:.3g}; "
+                f"{retries} retries left)",
+                stacklevel=2,
+            )
+            continue
+        if snapshot is not None:
+            snapshot, scale = copy.deepcopy(search.state()), 1.0
         if not all(math.isfinite(v) for v in metrics.values() if isinstance(v, float)):
             raise FloatingPointError(f"non-finite metrics after epoch {search.epoch}: {metrics}")
         report = EpochReport(

@@ -28,6 +28,7 @@ from maenas_ray.orchestration.train_jobs import (
     TuneReports,
     latest_state,
     prepare_model,
+    remove_stale_scratch,
     run_config,
     setup_worker,
     torch_config,
@@ -58,6 +59,7 @@ def retrain_stage(
 ) -> RetrainResult:
     """Retrain ``genotype``, resumed from the newest readable checkpoint in ``run_dir``;
     ``reporter`` reports each epoch (in a Train worker or in the Tune trial itself)."""
+    remove_stale_scratch()
     state = None
     found = latest_state(fs, run_dir, RETRAIN_FILE, load_retrain_state)
     if found is not None:

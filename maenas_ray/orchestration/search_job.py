@@ -21,7 +21,6 @@ storage (local, NFS, s3:// or gs://).
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +42,10 @@ from maenas_ray.orchestration.train_jobs import (
     ReportEpochs,
     TuneReports,
     latest_state,
+    remove_stale_scratch,
     require_visible,
     run_config,
+    scratch,
     setup_worker,
     torch_config,
     upload,
@@ -94,7 +95,8 @@ def search_stage(
         state, path = found
         if rank == 0:
             print(f"resuming the search from epoch {state['epoch']} ({path})", flush=True)
-    with tempfile.TemporaryDirectory(prefix="maenas-artifacts-") as out:
+    remove_stale_scratch()
+    with scratch("artifacts") as out:
         result = run_search(cfg, reporter, resume_from=state, out_dir=out if rank == 0 else None)
         if state is not None and state["epoch"] >= cfg.search.epochs:
             # the search had finished before the restart: report its result once more

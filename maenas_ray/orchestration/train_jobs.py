@@ -5,8 +5,11 @@ to the storage, forwarding of reports to Ray Tune, and a test-only fault injecti
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue as std_queue
+import re
+import shutil
 import tempfile
 import threading
 import warnings
@@ -22,6 +25,7 @@ import torch
 from ray.util.queue import Empty, Queue
 
 from maenas_ray.engines import EpochReport, SearchCallback
+from maenas_ray.lock import process_alive
 
 #: Test-only fault injection: ``MAENAS_RAY_FAULT=<stage>:exit@K`` (stage ``search`` or
 #: ``retrain``) in the environment of the Ray workers makes rank 0 of that stage's Train
@@ -30,6 +34,30 @@ from maenas_ray.engines import EpochReport, SearchCallback
 FAULT_ENV = "MAENAS_RAY_FAULT"
 #: Longest wait of the Train controller for the driver's copy of a checkpoint to Tune.
 COPY_TIMEOUT_S = 1800.0
+
+
+#: Local scratch directories: ``maenas-<kind>-<pid>-<random>`` in the temp directory.
+_SCRATCH = re.compile(r"^maenas-(artifacts|ckpt|load)-(\d+)-")
+
+
+def scratch(kind: str) -> tempfile.TemporaryDirectory:
+    """A local scratch directory (``kind``: artifacts, ckpt or load) named with this
+    process id, so that one left by a killed process can be found and removed."""
+    return tempfile.TemporaryDirectory(prefix=f"maenas-{kind}-{os.getpid()}-")
+
+
+def remove_stale_scratch(root: str | None = None) -> list[str]:
+    """Remove the scratch directories of processes that are gone (a trial or worker
+    killed mid-search never cleans up after itself); returns what was removed."""
+    root = root or tempfile.gettempdir()
+    removed = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(root):
+            match = _SCRATCH.match(entry.name)
+            if match and entry.is_dir(follow_symlinks=False) and not process_alive(int(match[2])):
+                shutil.rmtree(entry.path, ignore_errors=True)
+                removed.append(entry.path)
+    return removed
 
 
 def checkpoint_dir_name(epoch: int, suffix: str = "") -> str:
@@ -108,7 +136,7 @@ class ReportEpochs(SearchCallback):
         if self.rank != 0:
             ray.train.report(report.metrics)
             return
-        with tempfile.TemporaryDirectory(prefix="maenas-ckpt-") as tmp:
+        with scratch("ckpt") as tmp:
             report.save_checkpoint(tmp)
             ray.train.report(
                 report.metrics,
@@ -123,7 +151,7 @@ class ReportEpochs(SearchCallback):
         if self.rank != 0:
             ray.train.report(metrics)
             return
-        with tempfile.TemporaryDirectory(prefix="maenas-ckpt-") as tmp:
+        with scratch("ckpt") as tmp:
             save(tmp)
             ray.train.report(
                 metrics,
@@ -160,7 +188,7 @@ class TuneReports(SearchCallback):
         self._report(metrics, save, checkpoint_dir_name(epoch, "_final"))
 
     def _report(self, metrics: dict[str, Any], save: Callable[[str], Any], name: str) -> None:
-        with tempfile.TemporaryDirectory(prefix="maenas-ckpt-") as tmp:
+        with scratch("ckpt") as tmp:
             save(tmp)
             self.fs.create_dir(f"{self.run_dir}/{name}", recursive=True)
             pyarrow.fs.copy_files(
@@ -218,7 +246,7 @@ def latest_state(
         path = f"{run_dir}/{name}/{filename}"
         if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
             continue
-        with tempfile.TemporaryDirectory(prefix="maenas-load-") as tmp:
+        with scratch("load") as tmp:
             local = Path(tmp) / filename
             try:
                 pyarrow.fs.copy_files(
