@@ -1,17 +1,20 @@
 """One running sweep per experiment directory: a lock file, ``sweep.lock``, in it.
 
-A sweep (new or resumed) holds ``<experiment>/sweep.lock`` while it runs: the host, the
-process id and a heartbeat, renewed every :data:`HEARTBEAT_S` seconds (the file's
-modification time on a local or NFS directory, a time in the record on object storage). A second
-sweep with the same name and storage path, or a ``--resume`` of a running one, is refused
-with the holder's host and pid, so two drivers never interleave their trials in one
-directory. A lock left by a driver that died (SIGKILL, a lost node) is taken over: on the
-same host when its process is gone, on another host when its heartbeat is older than
-:data:`STALE_S` seconds.
+A sweep (new or resumed) holds ``<experiment>/sweep.lock`` while it runs. The lock names
+the host and the process id. Its heartbeat is renewed every :data:`HEARTBEAT_S` seconds:
+the file's modification time on a local or NFS directory, a time in the record on object
+storage.
 
-Creating the lock is atomic on a local or NFS directory (``O_CREAT | O_EXCL``). On object
-storage (s3://, gs://) it is a write followed by a read-back, which refuses a sweep that
-starts seconds after another but cannot rule out two starting within the same second.
+A second sweep with the same name and storage path, or a ``--resume`` of a running one,
+is refused with the holder's host and pid, so two drivers never interleave their trials
+in one directory. A lock left by a driver that died (SIGKILL, a lost node) is taken over:
+on the same host when its process is gone, on another host when its heartbeat is older
+than :data:`STALE_S` seconds.
+
+Creating the lock is atomic on a local or NFS directory: it is written whole, then
+hard-linked into place, which fails if a lock exists. On object storage (s3://, gs://) it
+is a write followed by a read-back. That refuses a sweep that starts seconds after
+another, but cannot rule out two starting within the same second.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import pyarrow.fs
 from maenas_ray.storage import Storage
 
 LOCK_FILE = "sweep.lock"
-#: How often a running sweep rewrites its lock's heartbeat.
+#: How often a running sweep renews its lock's heartbeat.
 HEARTBEAT_S = 30.0
 #: A lock from another host whose heartbeat is older than this belongs to a dead sweep.
 STALE_S = 120.0
@@ -44,6 +47,8 @@ class LockError(RuntimeError):
 
 def process_alive(pid: int) -> bool:
     """Whether process ``pid`` of this host exists."""
+    if pid <= 0:  # 0 and -1 would address process groups
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

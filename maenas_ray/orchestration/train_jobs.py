@@ -1,6 +1,7 @@
-"""What the Ray Train jobs of this project share: per-epoch reports with checkpoints named
-by epoch, resumption from the newest readable checkpoint on the storage, artifacts copied
-to the storage, forwarding of reports to Ray Tune, and a test-only fault injection.
+"""What the stages of this project share, whether they run as Ray Train jobs or in a Tune
+trial process: per-epoch reports with checkpoints named by epoch, resumption from the
+newest readable checkpoint on the storage, artifacts copied to the storage, forwarding of
+reports to Ray Tune, local scratch directories, and a test-only fault injection.
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ from maenas_ray.engines import EpochReport, SearchCallback
 from maenas_ray.lock import process_alive
 
 #: Test-only fault injection: ``MAENAS_RAY_FAULT=<stage>:exit@K`` (stage ``search`` or
-#: ``retrain``) in the environment of the Ray workers makes rank 0 of that stage's Train
-#: job exit abruptly (``os._exit``) right after reporting epoch K, once per run (a marker
-#: file next to the run).
+#: ``retrain``) in the environment of the Ray workers makes the process running that stage
+#: (the Tune trial process, or rank 0 of the Train job) exit abruptly (``os._exit``) right
+#: after reporting epoch K, once per run (a marker file next to the run).
 FAULT_ENV = "MAENAS_RAY_FAULT"
 #: Longest wait of the Train controller for the driver's copy of a checkpoint to Tune.
 COPY_TIMEOUT_S = 1800.0
