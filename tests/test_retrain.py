@@ -84,6 +84,9 @@ def test_retrain_learns_the_synthetic_task_and_resumes_exactly(tmp_path):
         run_retrain(cfg, PUBLISHED["DARTS_V2"], Crash(tmp_path, after=1))
     state = load_retrain_state(tmp_path)
     assert state["epoch"] == 1
+    from maenas_ray.engines.retrain import STATE_KEYS
+
+    assert set(state) == {"format", *STATE_KEYS}  # all that load_retrain_state requires
     resumed = run_retrain(cfg, PUBLISHED["DARTS_V2"], resume_from=tmp_path)
     assert resumed.history[0] == full.history[0] | {
         k: resumed.history[0][k] for k in ("images_per_sec", "epoch_time")

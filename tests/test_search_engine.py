@@ -127,6 +127,18 @@ def test_corrupt_checkpoint_is_named(tmp_path):
         load_search_state(tmp_path / "missing")
 
 
+def test_a_checkpoint_holds_every_state_key_and_an_incomplete_one_is_named(tmp_path):
+    from maenas_ray.engines import SearchLoop, save_search_state
+    from maenas_ray.engines.search import STATE_KEYS
+
+    state = SearchLoop(tiny()).state()
+    assert set(state) == {"format", *STATE_KEYS}
+    del state["a_opt"]
+    save_search_state(state, tmp_path)
+    with pytest.raises(ValueError, match=r"search_state\.pt' is incomplete: no a_opt"):
+        load_search_state(tmp_path)
+
+
 def test_checkpoint_is_loadable_without_unpickling_code(tmp_path):
     run_search(tiny(epochs=1), Recorder(tmp_path))
     state = torch.load(tmp_path / "search_state.pt", weights_only=True)

@@ -410,7 +410,10 @@ def test_latest_search_state_skips_unreadable_checkpoints(tmp_path):
         return latest_state(fs, run_dir, "search_state.pt", load)
 
     assert latest_search_state(fs, str(tmp_path / "absent")) is None
-    state = {"format": "maenas-search-v1", "epoch": 1, "weights": torch.ones(3)}
+    from maenas_ray.engines.search import STATE_KEYS
+
+    state = {"format": "maenas-search-v1", **dict.fromkeys(STATE_KEYS, 0), "epoch": 1,
+             "model": {"w": torch.ones(3)}}  # fmt: skip
     save_search_state(state, tmp_path / "run" / "checkpoint_2026-01-01_00-00-01.000000")
     newer = save_search_state(
         {**state, "epoch": 2}, tmp_path / "run" / "checkpoint_2026-01-01_00-00-02.000000"
@@ -419,6 +422,13 @@ def test_latest_search_state_skips_unreadable_checkpoints(tmp_path):
     assert loaded["epoch"] == 2 and path == str(newer)
     newer.write_bytes(newer.read_bytes()[:100])  # truncated by a crash
     with pytest.warns(UserWarning, match=r"skipping checkpoint .*00-00-02.*unreadable"):
+        loaded, path = latest_search_state(fs, str(tmp_path / "run"))
+    assert loaded["epoch"] == 1 and "00-00-01" in path
+    incomplete = {k: v for k, v in state.items() if k != "model"}  # a key missing
+    save_search_state(
+        {**incomplete, "epoch": 3}, tmp_path / "run" / "checkpoint_2026-01-01_00-00-03.0"
+    )
+    with pytest.warns(UserWarning, match=r"skipping checkpoint .*00-00-03.*incomplete: no model"):
         loaded, path = latest_search_state(fs, str(tmp_path / "run"))
     assert loaded["epoch"] == 1 and "00-00-01" in path
 

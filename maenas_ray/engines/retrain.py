@@ -79,9 +79,14 @@ def build_retrain_network(cfg: Config, genotype: Genotype, plan: RetrainPlan, nu
         raise ValueError(f"retrain: {err} (retrain.auxiliary = false)") from None
 
 
+#: What a retrain checkpoint holds (``_Retrain.state``).
+STATE_KEYS = ("epoch", "epochs", "config", "genotype", "model", "optimizer", "scheduler", "rng",
+              "history")  # fmt: skip
+
+
 def load_retrain_state(path: str | Path) -> dict[str, Any]:
     """Load a retrain checkpoint file or a directory holding one (no pickled code)."""
-    return load_state(path, RETRAIN_FILE, RETRAIN_FORMAT, "retrain")
+    return load_state(path, RETRAIN_FILE, RETRAIN_FORMAT, "retrain", STATE_KEYS)
 
 
 def save_retrain_state(state: dict[str, Any], directory: str | Path) -> Path:

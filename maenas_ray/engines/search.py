@@ -190,9 +190,13 @@ class SearchResult:
     alphas_reduce: torch.Tensor | None = None
 
 
+#: What a search checkpoint holds (``SearchLoop.state``).
+STATE_KEYS = ("epoch", "config", "model", "w_opt", "a_opt", "scheduler", "rng", "history")
+
+
 def load_search_state(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint file or a directory holding one; tensors only, no pickled code."""
-    return load_state(path, CHECKPOINT_FILE, CHECKPOINT_FORMAT, "search")
+    return load_state(path, CHECKPOINT_FILE, CHECKPOINT_FORMAT, "search", STATE_KEYS)
 
 
 def unrolled_arch_gradients(

@@ -20,12 +20,15 @@ def save_state(state: dict[str, Any], directory: str | Path, filename: str) -> P
     return path
 
 
-def load_state(path: str | Path, filename: str, fmt: str, what: str) -> dict[str, Any]:
-    """Load ``path`` (a file, or a directory holding ``filename``) written in format ``fmt``.
+def load_state(
+    path: str | Path, filename: str, fmt: str, what: str, keys: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """Load ``path`` (a file, or a directory holding ``filename``) written in format ``fmt``
+    and holding every one of ``keys``.
 
     ``torch.load(weights_only=True)``: tensors and plain containers only, never code.
-    A missing file raises FileNotFoundError, a truncated or foreign one ValueError, both
-    naming the file.
+    A missing file raises FileNotFoundError; a truncated, foreign or incomplete one
+    ValueError. Both name the file.
     """
     path = Path(path)
     if path.is_dir():
@@ -38,4 +41,7 @@ def load_state(path: str | Path, filename: str, fmt: str, what: str) -> dict[str
         raise ValueError(f"{what} checkpoint {str(path)!r} is unreadable: {err}") from None
     if not isinstance(state, dict) or state.get("format") != fmt:
         raise ValueError(f"{str(path)!r} is not a maenas-ray {what} checkpoint")
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise ValueError(f"{what} checkpoint {str(path)!r} is incomplete: no {', '.join(missing)}")
     return state
