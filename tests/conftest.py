@@ -13,3 +13,14 @@ def _no_cluster_storage(monkeypatch: pytest.MonkeyPatch) -> None:
     from maenas_ray.cli import STORAGE_ENV
 
     monkeypatch.delenv(STORAGE_ENV, raising=False)
+
+
+@pytest.fixture
+def dead_pid() -> int:
+    """The process id of a process that has just exited."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid

@@ -4,8 +4,6 @@ import json
 import multiprocessing
 import os
 import socket
-import subprocess
-import sys
 import time
 
 import pyarrow.fs
@@ -27,12 +25,6 @@ def _write_lock(exp, **record):
     exp.write_text(json.dumps({**base, **record}), LOCK_FILE)
 
 
-def _dead_pid() -> int:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
-
-
 def test_a_held_lock_refuses_a_second_sweep_and_is_gone_after_release(tmp_path):
     exp = _experiment(tmp_path)
     first = SweepLock(exp).acquire()
@@ -48,9 +40,9 @@ def test_a_held_lock_refuses_a_second_sweep_and_is_gone_after_release(tmp_path):
     assert not exp.exists(LOCK_FILE)
 
 
-def test_the_lock_of_a_dead_sweep_is_taken_over(tmp_path):
+def test_the_lock_of_a_dead_sweep_is_taken_over(tmp_path, dead_pid):
     exp = _experiment(tmp_path)
-    _write_lock(exp, pid=_dead_pid())  # this host, process gone (e.g. SIGKILL)
+    _write_lock(exp, pid=dead_pid)  # this host, process gone (e.g. SIGKILL)
     with SweepLock(exp) as taken:
         assert json.loads(exp.read_text(LOCK_FILE))["token"] == taken.token
     exp.write_text("{not json", LOCK_FILE)  # unreadable: no live sweep stands behind it

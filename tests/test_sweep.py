@@ -433,16 +433,10 @@ def test_latest_search_state_skips_unreadable_checkpoints(tmp_path):
     assert loaded["epoch"] == 1 and "00-00-01" in path
 
 
-def _dead_pid() -> int:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
-
-
-def test_scratch_directories_of_dead_processes_are_removed(tmp_path):
+def test_scratch_directories_of_dead_processes_are_removed(tmp_path, dead_pid):
     with scratch("artifacts") as mine:
         assert Path(mine).name.startswith(f"maenas-artifacts-{os.getpid()}-")
-    dead, alive = _dead_pid(), os.getpid()
+    dead, alive = dead_pid, os.getpid()
     for name in (f"maenas-artifacts-{dead}-x1", f"maenas-ckpt-{dead}-x2",
                  f"maenas-load-{alive}-x3", "maenas-artifacts-old", "unrelated"):  # fmt: skip
         (tmp_path / name).mkdir()
