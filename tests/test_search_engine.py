@@ -269,6 +269,40 @@ def test_nan_retries_go_back_to_the_last_epoch_with_lower_learning_rates(tmp_pat
     state = load_search_state(tmp_path)  # a resume keeps the lowered rates
     assert state["scheduler"]["base_lrs"] == [pytest.approx(0.1)]
     assert state["a_opt"]["param_groups"][0]["lr"] == pytest.approx(cfg.search.arch_lr * 1e-11)
+    # a search may be resumed with other retry settings (the advice the error gives)
+    from maenas_ray.engines.search import config_changes
+
+    other = tiny(lr=1e10, lr_min=0.0, epochs=2, nan_retries=0, nan_lr_factor=0.5)
+    assert config_changes(state["config"], other.to_dict()) == []
     # too few retries, or a factor too mild: the error, after the retries it had
     with pytest.warns(UserWarning, match="0 retries left"), pytest.raises(FloatingPointError):
         run_search(tiny(lr=1e10, epochs=2, nan_retries=1, nan_lr_factor=0.5))
+
+
+@pytest.mark.parametrize("how", ["raises", "nan-metric"])
+def test_a_retried_epoch_starts_from_the_unchanged_end_of_the_last_epoch(monkeypatch, how):
+    # epoch 2 "diverges" twice after running (weights, momentum and Adam moments changed):
+    # each retry must start from the state at the end of epoch 1 as it was, so the result
+    # is that of a run without failures (a factor of almost 1 keeps the rates the same)
+    from maenas_ray.engines import SearchLoop
+
+    cfg = tiny(epochs=2, nan_retries=2, nan_lr_factor=0.999999)
+    clean = run_search(cfg)
+    real, failures = SearchLoop.run_epoch, [2]
+
+    def diverging(self):
+        metrics = real(self)
+        if self.epoch == 2 and failures[0]:
+            failures[0] -= 1
+            if how == "raises":  # a non-finite training loss
+                raise FloatingPointError("injected")
+            return {**metrics, "eval_loss": float("nan")}  # weights that blew up at the end
+        return metrics
+
+    monkeypatch.setattr(SearchLoop, "run_epoch", diverging)
+    expected = "injected" if how == "raises" else r"non-finite metrics after epoch 2: .*"
+    with pytest.warns(UserWarning, match=rf"{expected}; retrying from epoch 1"):
+        retried = run_search(cfg)
+    assert failures == [0]
+    assert retried.metrics["eval_loss"] == pytest.approx(clean.metrics["eval_loss"], rel=1e-4)
+    assert torch.allclose(retried.alphas_normal, clean.alphas_normal, rtol=1e-3, atol=1e-5)

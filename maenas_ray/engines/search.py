@@ -119,6 +119,7 @@ RESUMABLE_CHANGES = frozenset(
     {
         "data.root", "data.download", "data.num_workers", "search.device", "retrain.device",
         "retrain.num_workers", "retrain.use_gpu", "retrain.cpus_per_worker",
+        "search.nan_retries", "search.nan_lr_factor",  # how to react to a divergence
     }
 )  # fmt: skip
 
@@ -568,6 +569,17 @@ class SearchLoop:
         viz.save_cell_drawings(out_dir / "cells.png", genotype, title="derived cells")
 
 
+def _cpu_copy(tree: Any) -> Any:
+    """A deep copy of a (nested) state with every tensor copied to the CPU."""
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().to("cpu", copy=True)
+    if isinstance(tree, dict):
+        return {k: _cpu_copy(v) for k, v in tree.items()}
+    if isinstance(tree, list | tuple):
+        return type(tree)(_cpu_copy(v) for v in tree)
+    return copy.deepcopy(tree)
+
+
 def run_search(
     config: Config,
     callbacks: SearchCallback | Iterable[SearchCallback] | None = None,
@@ -595,16 +607,22 @@ def run_search(
         search.restore(state)
     epochs = config.search.epochs
     retries, factor = config.search.nan_retries, config.search.nan_lr_factor
-    snapshot = copy.deepcopy(search.state()) if retries else None
+    # the state at the last epoch's end, on the CPU, restored from a copy: the optimisers
+    # keep using the tensors they are restored from
+    snapshot = _cpu_copy(search.state()) if retries else None
     scale = 1.0  # of the learning rates, since the snapshot
     while search.epoch < epochs:
         try:
             metrics = search.run_epoch()
+            if not all(math.isfinite(v) for v in metrics.values() if isinstance(v, float)):
+                raise FloatingPointError(
+                    f"non-finite metrics after epoch {search.epoch}: {metrics}"
+                )
         except FloatingPointError as err:
             if snapshot is None or retries == 0:
                 raise
             retries, scale = retries - 1, scale * factor
-            search.restore(snapshot)
+            search.restore(copy.deepcopy(snapshot))
             search.scale_lr(scale)
             warnings.warn(
                 f"{err}; retrying from epoch {search.epoch} with the learning rates times "
@@ -614,9 +632,7 @@ def run_search(
             )
             continue
         if snapshot is not None:
-            snapshot, scale = copy.deepcopy(search.state()), 1.0
-        if not all(math.isfinite(v) for v in metrics.values() if isinstance(v, float)):
-            raise FloatingPointError(f"non-finite metrics after epoch {search.epoch}: {metrics}")
+            snapshot, scale = _cpu_copy(search.state()), 1.0
         report = EpochReport(
             search.epoch, epochs, metrics, search.model.encoder.genotype(), search.state
         )
