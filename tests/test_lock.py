@@ -3,7 +3,10 @@
 import json
 import multiprocessing
 import os
+import signal
 import socket
+import subprocess
+import sys
 import time
 
 import pyarrow.fs
@@ -20,79 +23,45 @@ def _experiment(tmp_path):
     return exp
 
 
-def _write_lock(exp, **record):
-    base = {"host": socket.gethostname(), "pid": 1, "token": "other", "heartbeat": time.time()}
-    exp.write_text(json.dumps({**base, **record}), LOCK_FILE)
-
-
-def test_a_held_lock_refuses_a_second_sweep_and_is_gone_after_release(tmp_path):
+def test_a_held_lock_refuses_a_second_sweep_until_released(tmp_path):
     exp = _experiment(tmp_path)
     first = SweepLock(exp).acquire()
     held = json.loads(exp.read_text(LOCK_FILE))
-    assert held["host"] == socket.gethostname() and held["token"] == first.token
-    refused = rf"is in use by a running sweep \(host .*, pid {held['pid']}, last heartbeat"
-    with pytest.raises(LockError, match=refused):
+    assert held["host"] == socket.gethostname() and held["pid"] == os.getpid()
+    with pytest.raises(
+        LockError, match=rf"is in use by a running sweep \(host .*, pid {os.getpid()}\)"
+    ):
         SweepLock(exp).acquire()
     first.release()
-    assert not exp.exists(LOCK_FILE)
-    with SweepLock(exp):  # free again
-        assert exp.exists(LOCK_FILE)
-    assert not exp.exists(LOCK_FILE)
+    with SweepLock(exp) as second:  # free again
+        assert json.loads(exp.read_text(LOCK_FILE))["token"] == second.token
 
 
-def test_the_lock_of_a_dead_sweep_is_taken_over(tmp_path, dead_pid):
+_HOLD = """
+import sys, time
+from maenas_ray.lock import SweepLock
+from maenas_ray.storage import resolve_storage
+SweepLock(resolve_storage(sys.argv[1]).experiment("exp")).acquire()
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_killed_sweeps_lock_is_free_at_once(tmp_path):
     exp = _experiment(tmp_path)
-    _write_lock(exp, pid=dead_pid)  # this host, process gone (e.g. SIGKILL)
-    with SweepLock(exp) as taken:
-        assert json.loads(exp.read_text(LOCK_FILE))["token"] == taken.token
-    exp.write_text("{not json", LOCK_FILE)  # unreadable: no live sweep stands behind it
-    with SweepLock(exp) as taken:
-        assert json.loads(exp.read_text(LOCK_FILE))["token"] == taken.token
-
-
-def test_another_hosts_lock_counts_while_its_heartbeat_is_fresh(tmp_path):
-    exp = _experiment(tmp_path)
-    old = time.time() - lk.STALE_S - 1
-    _write_lock(exp, host="node-7", pid=4242, heartbeat=old)
-    os.utime(exp.join(LOCK_FILE), (old, time.time() - 5))  # touched 5 s ago: alive
-    with pytest.raises(LockError, match=r"host node-7, pid 4242, last heartbeat 5 s ago"):
-        SweepLock(exp).acquire()
-    os.utime(exp.join(LOCK_FILE), (old, old))  # silent for longer than STALE_S: dead
-    with SweepLock(exp) as taken:
-        assert json.loads(exp.read_text(LOCK_FILE))["token"] == taken.token
-
-
-def test_the_heartbeat_touches_the_lock_and_release_leaves_a_foreign_lock(tmp_path, monkeypatch):
-    monkeypatch.setattr(lk, "HEARTBEAT_S", 0.05)
-    exp = _experiment(tmp_path)
-    lock = SweepLock(exp).acquire()
-    path = exp.join(LOCK_FILE)
-    os.utime(path, (0, 0))
-    deadline = time.monotonic() + 10
-    while os.stat(path).st_mtime == 0:
-        assert time.monotonic() < deadline, "no heartbeat within 10 s"
-        time.sleep(0.05)
-    assert lock.heartbeat_age(json.loads(exp.read_text(LOCK_FILE))) < 5
-    # taken over meanwhile (this sweep was thought dead): the heartbeat stops, and the
-    # release does not delete the new holder's lock
-    _write_lock(exp, token="newer")
-    time.sleep(0.3)
-    lock.release()
-    assert json.loads(exp.read_text(LOCK_FILE))["token"] == "newer"
-    assert [p.name for p in (tmp_path / "exp").iterdir()] == [LOCK_FILE]  # no temp files
-
-
-def test_object_storage_locks_by_write_and_read_back(tmp_path):
-    # a SubTreeFileSystem is not a LocalFileSystem: the object-storage path is taken
-    fs = pyarrow.fs.SubTreeFileSystem(str(tmp_path), pyarrow.fs.LocalFileSystem())
-    exp = Storage("s3://bucket/sweeps", fs, "sweeps").experiment("exp")
-    fs.create_dir(exp.path, recursive=True)
-    assert not exp.is_local
-    with SweepLock(exp) as held:
-        assert json.loads(exp.read_text(LOCK_FILE))["token"] == held.token
-        with pytest.raises(LockError, match=r"s3://bucket/sweeps/exp is in use"):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(LockError, match=rf"pid {holder.pid}\)"):
             SweepLock(exp).acquire()
-    assert not exp.exists(LOCK_FILE)
+    finally:
+        holder.send_signal(signal.SIGKILL)  # no cleanup of any kind
+        holder.wait()
+    assert json.loads(exp.read_text(LOCK_FILE))["pid"] == holder.pid  # its record stays
+    with SweepLock(exp) as taken:  # but the lock went with the process
+        assert json.loads(exp.read_text(LOCK_FILE))["token"] == taken.token
 
 
 def _race(path: str, barrier, results) -> None:
@@ -106,8 +75,15 @@ def _race(path: str, barrier, results) -> None:
         results.put("refused")
 
 
-def test_of_sweeps_starting_at_the_same_moment_exactly_one_gets_the_lock(tmp_path):
-    _experiment(tmp_path)
+@pytest.mark.parametrize("leftover", [None, "record of a dead sweep", "garbage"])
+def test_of_sweeps_starting_at_the_same_moment_exactly_one_gets_the_lock(tmp_path, leftover):
+    exp = _experiment(tmp_path)
+    if leftover == "record of a dead sweep":
+        exp.write_text(
+            json.dumps({"host": socket.gethostname(), "pid": 1, "token": "x"}), LOCK_FILE
+        )
+    elif leftover == "garbage":
+        exp.write_text("{not json", LOCK_FILE)
     ctx = multiprocessing.get_context("spawn")
     barrier, results = ctx.Barrier(4), ctx.Queue()
     procs = [ctx.Process(target=_race, args=(str(tmp_path), barrier, results)) for _ in range(4)]
@@ -117,3 +93,49 @@ def test_of_sweeps_starting_at_the_same_moment_exactly_one_gets_the_lock(tmp_pat
     for p in procs:
         p.join(timeout=60)
     assert outcome == ["refused", "refused", "refused", "won"]
+
+
+def _object_experiment(tmp_path):
+    # a SubTreeFileSystem is not a LocalFileSystem: the object-storage path is taken
+    fs = pyarrow.fs.SubTreeFileSystem(str(tmp_path), pyarrow.fs.LocalFileSystem())
+    exp = Storage("s3://bucket/sweeps", fs, "sweeps").experiment("exp")
+    fs.create_dir(exp.path, recursive=True)
+    assert not exp.is_local
+    return exp
+
+
+def _write_record(exp, **record):
+    base = {"host": "node-7", "pid": 4242, "token": "other", "heartbeat": time.time()}
+    exp.write_text(json.dumps({**base, **record}), LOCK_FILE)
+
+
+def test_object_storage_locks_by_record_and_heartbeat(tmp_path):
+    exp = _object_experiment(tmp_path)
+    with SweepLock(exp) as held:
+        assert json.loads(exp.read_text(LOCK_FILE))["token"] == held.token
+        with pytest.raises(LockError, match=r"s3://bucket/sweeps/exp is in use .*last heartbeat"):
+            SweepLock(exp).acquire()
+    assert not exp.exists(LOCK_FILE)  # removed on release
+    _write_record(exp, heartbeat=time.time() - 5)  # another sweep, alive
+    with pytest.raises(LockError, match=r"host node-7, pid 4242, last heartbeat 5 s ago"):
+        SweepLock(exp).acquire()
+    _write_record(exp, heartbeat=time.time() - lk.STALE_S - 1)  # silent too long: dead
+    with SweepLock(exp) as taken:
+        assert json.loads(exp.read_text(LOCK_FILE))["token"] == taken.token
+
+
+def test_the_heartbeat_renews_the_record_and_says_so_when_taken_over(tmp_path, monkeypatch, capfd):
+    monkeypatch.setattr(lk, "HEARTBEAT_S", 0.05)
+    exp = _object_experiment(tmp_path)
+    lock = SweepLock(exp).acquire()
+    first = json.loads(exp.read_text(LOCK_FILE))["heartbeat"]
+    deadline = time.monotonic() + 10
+    while json.loads(exp.read_text(LOCK_FILE))["heartbeat"] == first:
+        assert time.monotonic() < deadline, "no heartbeat within 10 s"
+        time.sleep(0.05)
+    with pytest.warns(UserWarning, match=r"was taken over by host node-7, pid 4242"):
+        _write_record(exp, token="newer")  # this sweep was thought dead
+        lock._thread.join(timeout=10)
+    assert "two sweeps now write to s3://bucket/sweeps/exp" in capfd.readouterr().err
+    lock.release()  # does not delete the new holder's lock
+    assert json.loads(exp.read_text(LOCK_FILE))["token"] == "newer"

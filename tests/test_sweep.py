@@ -433,38 +433,33 @@ def test_latest_search_state_skips_unreadable_checkpoints(tmp_path):
     assert loaded["epoch"] == 1 and "00-00-01" in path
 
 
-def test_scratch_directories_of_dead_processes_are_removed(tmp_path, dead_pid):
-    with scratch("artifacts") as mine:
-        assert Path(mine).name.startswith(f"maenas-artifacts-{os.getpid()}-")
-    dead, alive = dead_pid, os.getpid()
-    for name in (f"maenas-artifacts-{dead}-x1", f"maenas-ckpt-{dead}-x2",
-                 f"maenas-load-{alive}-x3", "maenas-artifacts-old", "unrelated"):  # fmt: skip
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "file").write_text("data")
-    removed = remove_stale_scratch(str(tmp_path))
-    assert sorted(Path(p).name for p in removed) == [
-        f"maenas-artifacts-{dead}-x1", f"maenas-ckpt-{dead}-x2"
-    ]  # fmt: skip
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [f"maenas-load-{alive}-x3", "maenas-artifacts-old", "unrelated"]
-    )  # fmt: skip
-
-
-def _stale_scratch() -> list[str]:
+def test_scratch_directories_no_process_holds_are_removed(tmp_path, monkeypatch):
     import tempfile
 
-    pattern = re.compile(r"^maenas-(artifacts|ckpt|load)-(\d+)-")
-    found = []
-    for entry in os.scandir(tempfile.gettempdir()):
-        match = pattern.match(entry.name)
-        if match:
-            try:
-                os.kill(int(match[2]), 0)
-            except ProcessLookupError:
-                found.append(entry.name)
-            except PermissionError:
-                pass
-    return found
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with scratch("artifacts") as mine:  # in use (held by this process)
+        assert Path(mine).name.startswith(f"maenas-artifacts-{os.getpid()}-")
+        for name in ("maenas-ckpt-123-left", "maenas-load-456-left"):  # left by killed ones
+            (tmp_path / name).mkdir()
+            (tmp_path / name / ".in-use").write_text("")
+            (tmp_path / name / "state.pt").write_text("data")
+        for name in ("maenas-artifacts-789-new", "unrelated"):  # no lock file: not judged
+            (tmp_path / name).mkdir()
+        removed = remove_stale_scratch()
+        assert sorted(Path(p).name for p in removed) == [
+            "maenas-ckpt-123-left", "maenas-load-456-left"
+        ]  # fmt: skip
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+            [Path(mine).name, "maenas-artifacts-789-new", "unrelated"]
+        )  # fmt: skip
+    assert not Path(mine).exists()  # removed on exit, as a TemporaryDirectory is
+
+
+def _scratch_of(pid: int) -> list[str]:
+    import tempfile
+
+    return [e.name for e in os.scandir(tempfile.gettempdir())
+            if re.match(rf"^maenas-(artifacts|ckpt|load)-{pid}-", e.name)]  # fmt: skip
 
 
 def test_a_crashed_trial_restarts_from_its_checkpoint(tmp_path, capsys, monkeypatch):
@@ -486,7 +481,10 @@ def test_a_crashed_trial_restarts_from_its_checkpoint(tmp_path, capsys, monkeypa
         for p in glob.glob(str(trial / "search" / "checkpoint_*" / "search_state.pt"))
     )
     assert epochs == [1, 2, 3]  # epoch 1 was not computed again
-    assert _stale_scratch() == []  # the killed process's scratch was removed on restart
+    rows = [json.loads(line) for line in (trial / "result.json").read_text().splitlines()]
+    killed = rows[0]["pid"]  # the process that reported epoch 1, then exited
+    assert killed != rows[-1]["pid"]
+    assert _scratch_of(killed) == []  # its scratch was removed when the trial restarted
     # and the search is the one an uninterrupted run computes (CPU, same seed)
     trial_config = merge(yaml.safe_load((store / "crash" / ex.CONFIG_FILE).read_text()),
                          result.config)  # fmt: skip
@@ -521,7 +519,10 @@ def test_a_diverging_trial_is_marked_errored_not_scored(tmp_path, capsys):
         exp.best()  # nothing to rank: no score came from a diverged search
     study = _study(store / "nan", "nan")
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL] * 2
-    assert not (store / "nan" / "sweep.lock").exists()
+    from maenas_ray.lock import SweepLock
+
+    with SweepLock(ex.resolve_storage(str(store)).experiment("nan")):
+        pass  # released when the sweep ended
 
 
 def _sweep_command(config, store, *extra):
@@ -563,7 +564,10 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_epochs(tmp_path, caps
     )  # fmt: skip
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert f"resuming {experiment}" in resumed.stdout
-    assert not (experiment / "sweep.lock").exists()  # the dead driver's lock was taken over
+    from maenas_ray.lock import SweepLock
+
+    with SweepLock(ex.resolve_storage(str(experiment))):
+        pass  # free: the killed driver's lock went with it, the resumed one released its own
     results = _results(experiment)
     assert len(results) == 3 and not results.errors
     assert all(r.metrics["epoch"] == 3 for r in results)

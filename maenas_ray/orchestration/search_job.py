@@ -131,6 +131,14 @@ def search_trial(params: dict[str, Any], base: dict[str, Any]) -> None:
 
     A one-worker trial runs both in this process, on the resources Tune gave the trial; a
     data-parallel one (several workers) runs each as a Ray Train job."""
+    try:
+        _trial(params, base)
+    finally:
+        if torch.cuda.is_available():  # the process may go on with another trial
+            torch.cuda.empty_cache()  # (reuse_actors): its cached GPU memory goes back
+
+
+def _trial(params: dict[str, Any], base: dict[str, Any]) -> None:
     config = merge(base, params)
     cfg = config_from_dict(config)
     storage = ray.tune.get_context().get_storage()

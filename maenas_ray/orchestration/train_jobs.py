@@ -7,6 +7,7 @@ reports to Ray Tune, local scratch directories, and a test-only fault injection.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import queue as std_queue
 import re
@@ -14,7 +15,7 @@ import shutil
 import tempfile
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,6 @@ import torch
 from ray.util.queue import Empty, Queue
 
 from maenas_ray.engines import EpochReport, SearchCallback
-from maenas_ray.lock import process_alive
 
 #: Test-only fault injection: ``MAENAS_RAY_FAULT=<stage>:exit@K`` (stage ``search`` or
 #: ``retrain``) in the environment of the Ray workers makes the process running that stage
@@ -37,27 +37,46 @@ FAULT_ENV = "MAENAS_RAY_FAULT"
 COPY_TIMEOUT_S = 1800.0
 
 
-#: Local scratch directories: ``maenas-<kind>-<pid>-<random>`` in the temp directory.
-_SCRATCH = re.compile(r"^maenas-(artifacts|ckpt|load)-(\d+)-")
+#: Local scratch directories: ``maenas-<kind>-<pid>-<random>`` in the temp directory, each
+#: holding a file that its process keeps ``flock``-ed while it uses the directory.
+_SCRATCH = re.compile(r"^maenas-(artifacts|ckpt|load)-\d+-")
+_IN_USE = ".in-use"
 
 
-def scratch(kind: str) -> tempfile.TemporaryDirectory:
-    """A local scratch directory (``kind``: artifacts, ckpt or load) named with this
-    process id, so that one left by a killed process can be found and removed."""
-    return tempfile.TemporaryDirectory(prefix=f"maenas-{kind}-{os.getpid()}-")
+@contextlib.contextmanager
+def scratch(kind: str) -> Iterator[str]:
+    """A local scratch directory (``kind``: artifacts, ckpt or load), locked while in use,
+    so that one left by a killed process can be told apart and removed."""
+    with tempfile.TemporaryDirectory(prefix=f"maenas-{kind}-{os.getpid()}-") as path:
+        fd = os.open(os.path.join(path, _IN_USE), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield path
+        finally:
+            os.close(fd)  # releases the lock
 
 
 def remove_stale_scratch(root: str | None = None) -> list[str]:
-    """Remove the scratch directories of processes that are gone (a trial or worker
+    """Remove the scratch directories that no process holds any more (a trial or worker
     killed mid-search never cleans up after itself); returns what was removed."""
     root = root or tempfile.gettempdir()
     removed = []
     with contextlib.suppress(OSError):
         for entry in os.scandir(root):
-            match = _SCRATCH.match(entry.name)
-            if match and entry.is_dir(follow_symlinks=False) and not process_alive(int(match[2])):
-                shutil.rmtree(entry.path, ignore_errors=True)
-                removed.append(entry.path)
+            if not (_SCRATCH.match(entry.name) and entry.is_dir(follow_symlinks=False)):
+                continue
+            try:
+                fd = os.open(os.path.join(entry.path, _IN_USE), os.O_RDWR)
+            except OSError:
+                continue  # being created, or not ours to judge
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # in use by a live process
+            finally:
+                os.close(fd)
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(entry.path)
     return removed
 
 
@@ -196,10 +215,11 @@ class TuneReports(SearchCallback):
                 tmp, f"{self.run_dir}/{name}",
                 source_filesystem=pyarrow.fs.LocalFileSystem(), destination_filesystem=self.fs,
             )  # fmt: skip
+            # pruned first: a scheduler that stops the trial does so inside report()
+            prune_checkpoints(self.fs, self.run_dir, self.keep)
             ray.tune.report(
                 self.transform(metrics), checkpoint=ray.tune.Checkpoint.from_directory(tmp)
             )
-        prune_checkpoints(self.fs, self.run_dir, self.keep)
 
 
 def prune_checkpoints(fs: pyarrow.fs.FileSystem, run_dir: str, keep: int) -> None:
