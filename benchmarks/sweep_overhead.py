@@ -34,7 +34,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from maenas_ray import search as search_cli
+from maenas_ray.config import load_config
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "tune_configs" / "quickstart.yaml"
 
@@ -71,7 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     search_sets = [f"search.epochs={args.epochs}", "search.device=cpu"]
     with tempfile.TemporaryDirectory(prefix="maenas-overhead-") as tmp:
         root = Path(tmp)
-        # the same search, standalone (twice: the first run pays one-time costs)
+        # the same search, standalone (twice: the first run pays one-time costs), on the
+        # threads a trial gets (tune.cpus_per_trial), as the trial runs it
+        trial_threads = max(1, round(load_config(args.config, sweep=True).tune.cpus_per_trial))
+        threads = torch.get_num_threads()
+        torch.set_num_threads(trial_threads)
         standalone = []
         for i in range(2):
             argv_search = ["--config", str(args.config), "--out", str(root / f"alone{i}")]
@@ -81,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             if search_cli.main(argv_search) != 0:
                 raise SystemExit("the standalone search failed")
             standalone.append(time.perf_counter() - start)
+        torch.set_num_threads(threads)
         alone = min(standalone)
 
         command = [
@@ -116,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     span = statistics.mean(spans) if spans else float("nan")
     span_share = (span - alone) / span
     print(f"1-epoch quickstart search ({args.config.name}, objective eval_loss), CPU")
-    print(f"standalone search (python -m maenas_ray.search): {alone:.1f} s "
+    print(f"standalone search (python -m maenas_ray.search, {trial_threads} thread(s) as "
+          f"in a trial): {alone:.1f} s "
           f"(runs: {', '.join(f'{t:.1f}' for t in standalone)})")  # fmt: skip
     print(f"sweep of {args.samples} trials, one at a time: {wall:.1f} s wall; first reported "
           f"epoch {first_epoch:.1f} s after the start (Ray start included)")  # fmt: skip
