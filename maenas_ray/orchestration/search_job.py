@@ -49,6 +49,7 @@ from maenas_ray.orchestration.train_jobs import (
     setup_worker,
     torch_config,
     upload,
+    use_cpus,
 )
 from maenas_ray.results import CONFIG_FILE
 
@@ -78,6 +79,8 @@ def search_worker(loop_config: dict[str, Any]) -> None:
     cfg = config_from_dict(loop_config["config"])
     rank = setup_worker(cfg.search.device, worker_resources(cfg)["CPU"])
     fs, trial_dir = loop_config["filesystem"], loop_config["trial_dir"]
+    # a worker may run on another node than its trial: it checks the storage itself
+    require_visible(fs, f"{trial_dir.rsplit('/', 1)[0]}/{CONFIG_FILE}", "the sweep's config")
     search_stage(cfg, fs, trial_dir, ReportEpochs(rank, "search", fs, trial_dir))
 
 
@@ -88,7 +91,6 @@ def search_stage(
     ``<trial_dir>/search``; ``reporter`` reports each epoch (in a Train worker or in the Tune
     trial itself). Rank 0 copies the genotype, pictures and final metrics to ``trial_dir``."""
     rank = reporter.rank
-    require_visible(fs, f"{trial_dir.rsplit('/', 1)[0]}/{CONFIG_FILE}", "the sweep's config")
     state = None
     found = latest_state(fs, f"{trial_dir}/{SEARCH_RUN}", CHECKPOINT_FILE, load_search_state)
     if found is not None:
@@ -147,7 +149,7 @@ def _trial(params: dict[str, Any], base: dict[str, Any]) -> None:
     proxy = cfg.objective.metric.startswith("proxy_")
     in_trial = in_trial_process(cfg)
     if in_trial:
-        torch.set_num_threads(max(1, round(cfg.tune.cpus_per_trial)))
+        use_cpus(cfg.tune.cpus_per_trial)
     keep = cfg.tune.checkpoints_to_keep
     scaling = ray.train.ScalingConfig(
         num_workers=cfg.tune.workers(),

@@ -122,9 +122,14 @@ def require_visible(fs: pyarrow.fs.FileSystem, path: str, what: str) -> None:
         )
 
 
+def use_cpus(cpus: float) -> None:
+    """torch's threads for the CPUs Ray reserved (at least one)."""
+    torch.set_num_threads(max(1, round(cpus)))
+
+
 def setup_worker(device: str, cpus: float) -> int:
     """Threads for this worker's CPUs, the worker's own GPU when it has one; the rank."""
-    torch.set_num_threads(max(1, round(cpus)))
+    use_cpus(cpus)
     if device != "cpu" and torch.cuda.is_available():
         torch.cuda.set_device(ray.train.torch.get_device())
     return ray.train.get_context().get_world_rank()
@@ -153,21 +158,16 @@ class ReportEpochs(SearchCallback):
         self.rank, self.stage, self.fs, self.marker_dir = rank, stage, fs, marker_dir
 
     def on_epoch_end(self, report: EpochReport) -> None:
-        if self.rank != 0:
-            ray.train.report(report.metrics)
-            return
-        with scratch("ckpt") as tmp:
-            report.save_checkpoint(tmp)
-            ray.train.report(
-                report.metrics,
-                checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                checkpoint_dir_name=checkpoint_dir_name(report.epoch),
-            )
-        inject_fault(self.stage, report.epoch, self.fs, self.marker_dir)
+        self._report(report.metrics, report.save_checkpoint, checkpoint_dir_name(report.epoch))
+        if self.rank == 0:
+            inject_fault(self.stage, report.epoch, self.fs, self.marker_dir)
 
     def final(self, metrics: dict[str, Any], save: Callable[[str], Any], epoch: int) -> None:
         """Report a run that had finished before its restart once more (rank 0 with its
         checkpoint)."""
+        self._report(metrics, save, checkpoint_dir_name(epoch, "_final"))
+
+    def _report(self, metrics: dict[str, Any], save: Callable[[str], Any], name: str) -> None:
         if self.rank != 0:
             ray.train.report(metrics)
             return
@@ -176,7 +176,7 @@ class ReportEpochs(SearchCallback):
             ray.train.report(
                 metrics,
                 checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                checkpoint_dir_name=checkpoint_dir_name(epoch, "_final"),
+                checkpoint_dir_name=name,
             )
 
 
