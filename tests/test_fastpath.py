@@ -15,7 +15,15 @@ from maenas_ray.engines import SearchLoop
 from maenas_ray.engines.search import frozen, load_search_state, save_search_state
 from maenas_ray.mae import HierarchicalDecoder, MaskedAutoencoder, masked_mse, random_patch_mask
 from maenas_ray.space import Supernet
-from maenas_ray.space.fastpath import _Depthwise, depthwise, to_phases
+from maenas_ray.space.fastpath import (
+    _Depthwise,
+    _format,
+    concat,
+    depthwise,
+    subsample,
+    to_column_phases,
+    to_phases,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -55,16 +63,26 @@ def test_fast_and_reference_give_the_same_loss_and_gradients_in_float64(stem, si
     assert all(g.abs().max() > 1e-6 for g in grads_f[:2])
 
 
-@pytest.mark.parametrize(("k", "d"), [(5, 1), (7, 1), (3, 2), (5, 2)])
+@pytest.mark.parametrize(
+    ("k", "d", "size"),
+    [
+        (5, 1, (8, 10)),  # 5-wide: outer columns on the column-parity sub-images
+        (5, 1, (7, 9)),  # odd width: outer columns on shifted copies
+        (7, 1, (8, 10)),
+        (3, 2, (8, 10)),
+        (5, 2, (8, 10)),  # parity sub-images 4x5: odd width
+        (5, 2, (8, 12)),  # parity sub-images 4x6: their column-parity sub-images
+    ],
+)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-def test_depthwise_backward_is_the_convolution_gradient(k, d, channels_last):
-    x = torch.randn(2, 3, 8, 10, dtype=torch.float64)
+def test_depthwise_backward_is_the_convolution_gradient(k, d, size, channels_last):
+    x = torch.randn(2, 3, *size, dtype=torch.float64)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     x.requires_grad_()
     w = torch.randn(3, 1, k, k, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, w: _Depthwise.apply(x, w, d), (x, w))
-    g = torch.randn(2, 3, 8, 10, dtype=torch.float64)
+    g = torch.randn(2, 3, *size, dtype=torch.float64)
     ours = torch.autograd.grad(_Depthwise.apply(x, w, d), (x, w), g)
     y = F.conv2d(x, w, padding=d * (k // 2), dilation=d, groups=3)
     native = torch.autograd.grad(y, (x, w), g)
@@ -85,6 +103,41 @@ def test_strided_dilated_depthwise_reads_the_even_pixels(size):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("offset", [0, 1])
+@pytest.mark.parametrize("size", [(6, 8), (5, 7)])
+def test_subsample_reads_one_pixel_parity_and_keeps_the_layout_of_its_gradient(offset, size):
+    x = torch.randn(2, 3, *size, dtype=torch.float64)
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    y = subsample(x, offset)
+    torch.testing.assert_close(y, x[:, :, offset::2, offset::2], rtol=0, atol=0)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert torch.autograd.gradcheck(lambda t: subsample(t, offset), (x,))
+    grads = []
+    x.register_hook(grads.append)
+    subsample(x, offset).sum().backward()
+    # a channels_last gradient: the slice backward's NCHW one slows every kernel after it
+    assert grads[0].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_cell_output_hands_its_states_contiguous_gradients():
+    states = [
+        torch.randn(2, 4, 6, 6).contiguous(memory_format=torch.channels_last).requires_grad_()
+        for _ in range(3)
+    ]
+    grads: list[torch.Tensor] = []
+    for s in states:
+        s.register_hook(grads.append)
+    out = concat(states)
+    torch.testing.assert_close(out, torch.cat(states, dim=1), rtol=0, atol=0)
+    g = torch.randn(2, 12, 6, 6).contiguous(memory_format=torch.channels_last)
+    out.backward(g)
+    assert len(grads) == 3
+    for k, grad in enumerate(grads):
+        # not a channel slice of g: CPU BatchNorm backward is ~10x slower on one
+        assert grad.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(grad, g[:, 4 * k : 4 * k + 4], rtol=0, atol=0)
+
+
 def test_parity_sub_images():
     x = torch.arange(2 * 3 * 4 * 6, dtype=torch.float32).view(2, 3, 4, 6)
     for t in (x, x.contiguous(memory_format=torch.channels_last)):
@@ -92,6 +145,11 @@ def test_parity_sub_images():
         assert p.shape == (8, 3, 2, 3)
         torch.testing.assert_close(p[1], x[0, :, 0::2, 1::2])  # image 0, even rows, odd columns
         torch.testing.assert_close(p[6], x[1, :, 1::2, 0::2])  # image 1, odd rows, even columns
+        c = to_column_phases(t)
+        assert c.shape == (4, 3, 4, 3)
+        assert c.is_contiguous(memory_format=_format(t))
+        torch.testing.assert_close(c[1], x[1, :, :, 0::2])  # even columns of image 1
+        torch.testing.assert_close(c[2], x[0, :, :, 1::2])  # odd columns of image 0
 
 
 def test_formulation_is_checked():

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from maenas_ray.space.fastpath import SharedInputs, mixed_edge, preprocess
+from maenas_ray.space.fastpath import CellWeights, SharedInputs, concat, mixed_edge, preprocess
 from maenas_ray.space.genotype import NODES, Edge
 from maenas_ray.space.ops import OPS, PRIMITIVES, FactorizedReduce, Identity, ReLUConvBN, build_op
 
@@ -144,22 +144,24 @@ class SearchCell(nn.Module):
             states = [preprocess(self.preprocess0, s0), preprocess(self.preprocess1, s1)]
         else:
             states = [self.preprocess0(s0), self.preprocess1(s1)]
-        inputs = [SharedInputs(h) for h in states]
+        inputs = [SharedInputs(h, 2 if self.reduction else 1) for h in states]
+        split = CellWeights(weights, states[0].shape[1]) if fast else None
         offset = 0
         for _ in range(NODES):
             s: torch.Tensor | None = None
             for j, h in enumerate(states):
-                edge, w = self.edges[offset + j], weights[offset + j]
-                if fast:
-                    s = mixed_edge(edge.ops, inputs[j], w, s)  # type: ignore[arg-type]
+                e = offset + j
+                if split is not None:
+                    ops = self.edges[e].ops
+                    s = mixed_edge(ops, inputs[j], split.scalars[e], split.vectors[e], s)  # type: ignore[arg-type]
                 else:
-                    y = edge(h, w)
+                    y = self.edges[e](h, weights[e])
                     s = y if s is None else s + y
             assert s is not None
             offset += len(states)
             states.append(s)
             inputs.append(SharedInputs(s))
-        return torch.cat(states[2:], dim=1)
+        return concat(states[2:]) if fast else torch.cat(states[2:], dim=1)
 
 
 def drop_path(x: torch.Tensor, drop_prob: float) -> torch.Tensor:

@@ -5,17 +5,23 @@ literally. This path computes the same value and the same gradients with:
 
 - **no ``none`` op**: its output is zero, so it adds nothing and the gradient of its
   weight is ``<dL/dy, 0> = 0``; α still gets its exact gradient through the softmax.
-- **shared work per input state**: the ReLU in front of every convolution op, and each
-  pooling op with its non-affine BatchNorm (no parameters, batch statistics only), depend
-  only on the state and the stride, which is the same for every edge leaving a state. They
-  are computed once per state instead of once per edge.
+- **shared work per input state**: the ReLU in front of every convolution op, the even
+  and odd pixels that stride-2 edges read, and each pooling op with its non-affine
+  BatchNorm (no parameters, batch statistics only), depend only on the state and the
+  stride, which is the same for every edge leaving a state. They are computed once per
+  state instead of once per edge.
 - **depthwise backward without the slow kernels** (CPU): oneDNN runs the backward of
-  3x3 undilated depthwise convolutions fast and that of 5-wide or dilated ones several
+  depthwise convolutions up to 3 wide fast and that of 5-wide or dilated ones several
   times slower; :class:`_Depthwise` gets the same gradients from fast kernels only, and a
   stride-2 dilation-2 convolution runs as a plain one on the even pixels it reads.
 - **fused weighting**: an op ending in a non-affine BatchNorm gets its edge weight as
   that BatchNorm's affine weight (one kernel, forward and backward); the shared outputs
-  are accumulated with ``addcmul``.
+  are accumulated with ``addcmul_``, the others with ``add_``, in place. The weights are
+  split up once per cell (:class:`CellWeights`), not indexed per edge and op.
+- **gradients in the layout the kernels want**: the cell output (:func:`concat`) and the
+  pixel subsampling (:func:`subsample`) hand back contiguous ``channels_last``
+  gradients; a channel slice, or the NCHW tensor a slice's backward makes, sends the
+  BatchNorm, add and ReLU kernels that follow down paths several times slower on CPU.
 
 Together with ``channels_last`` tensors (:class:`Supernet` converts its input) this is
 what ``Supernet(formulation="fast")`` runs; ``benchmarks/search_step.py`` measures it
@@ -23,6 +29,8 @@ against the reference formulation and checks the loss and α gradient agree.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +48,17 @@ def to_phases(x: torch.Tensor) -> torch.Tensor:
         return y.reshape(4 * b, h // 2, w // 2, c).permute(0, 3, 1, 2)
     y = x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 3, 5, 1, 2, 4)
     return y.reshape(4 * b, c, h // 2, w // 2)
+
+
+def to_column_phases(x: torch.Tensor) -> torch.Tensor:
+    """``(B, C, H, W) -> (2B, C, H, W/2)``: the even columns of every image, then the odd
+    ones; keeps ``channels_last``."""
+    b, c, h, w = x.shape
+    if x.is_contiguous(memory_format=torch.channels_last):
+        y = x.permute(0, 2, 3, 1).reshape(b, h, w // 2, 2, c).permute(3, 0, 1, 2, 4)
+        return y.reshape(2 * b, h, w // 2, c).permute(0, 3, 1, 2)
+    y = x.reshape(b, c, h, w // 2, 2).permute(4, 0, 1, 2, 3)
+    return y.reshape(2 * b, c, h, w // 2)
 
 
 class _Depthwise(torch.autograd.Function):
@@ -80,6 +99,60 @@ class _Depthwise(torch.autograd.Function):
         return grad_x, grad_w, None
 
 
+class _Concat(torch.autograd.Function):
+    """``torch.cat(states, dim=1)`` whose backward hands each state a contiguous gradient
+    (in the state's memory format) instead of a channel slice of the output gradient."""
+
+    @staticmethod
+    def forward(ctx, *states: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.sizes = [s.shape[1] for s in states]
+        ctx.formats = [_format(s) for s in states]
+        return torch.cat(states, dim=1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        chunks = grad.split(ctx.sizes, dim=1)
+        return tuple(
+            g.contiguous(memory_format=f) for g, f in zip(chunks, ctx.formats, strict=True)
+        )
+
+
+def concat(states: list[torch.Tensor]) -> torch.Tensor:
+    """The cell output: its states concatenated along the channels. Their gradients are
+    contiguous: a channel slice of a channels_last gradient sends CPU BatchNorm backward
+    (the last op of every edge into the last node) down a path ~10x slower."""
+    return _Concat.apply(*states)
+
+
+class _Subsample(torch.autograd.Function):
+    """``x[:, :, offset::2, offset::2]`` as a contiguous tensor in ``x``'s memory format.
+
+    Its backward writes the gradient into a zero tensor of ``x``'s shape *and* memory
+    format: the native slice backward gives a contiguous (NCHW) one, and adding that to a
+    channels_last gradient (or rectifying it) takes CPU kernels several times slower.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, offset: int) -> torch.Tensor:  # type: ignore[override]
+        ctx.shape, ctx.format, ctx.offset = x.shape, _format(x), offset
+        return x[:, :, offset::2, offset::2].contiguous(memory_format=ctx.format)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        o = ctx.offset
+        full = torch.empty(
+            ctx.shape, dtype=grad.dtype, device=grad.device, memory_format=ctx.format
+        ).zero_()
+        full[:, :, o::2, o::2] = grad
+        return full, None
+
+
+def subsample(x: torch.Tensor, offset: int) -> torch.Tensor:
+    """The pixels ``(offset + 2i, offset + 2j)`` of ``x``: what a stride-2 1x1 convolution
+    reads of ``x`` (offset 0) or of ``x[:, :, 1:, 1:]`` (offset 1)."""
+    return _Subsample.apply(x, offset)
+
+
 def _format(x: torch.Tensor) -> torch.memory_format:
     if x.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
@@ -97,10 +170,23 @@ def _weight_grad(
 
 
 def _plain_weight_grad(x: torch.Tensor, grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """The weight gradient of a stride-1 "same" depthwise convolution without dilation."""
+    """The weight gradient of a stride-1 "same" depthwise convolution without dilation.
+
+    Kernels up to 3 wide are native. A 5-wide one on an even width: the middle three
+    columns natively, the outer two (column offsets -2 and +2) as the outer columns of a
+    ``k x 3`` weight gradient on the column-parity sub-images, where those offsets are
+    -1 and +1. Others: each outer column on a copy of the input shifted by its offset.
+    """
     c, _, kh, kw = shape
     if kw <= 3:
         return _weight_grad(x, grad, tuple(shape), (kh // 2, kw // 2))
+    if kw == 5 and x.shape[-1] % 2 == 0:
+        middle = _weight_grad(x, grad, (c, 1, kh, 3), (kh // 2, 1))
+        grad = grad.contiguous(memory_format=_format(x))
+        outer = _weight_grad(
+            to_column_phases(x), to_column_phases(grad), (c, 1, kh, 3), (kh // 2, 1)
+        )
+        return torch.cat([outer[..., :1], middle, outer[..., 2:]], dim=3)
     half = kw // 2
     columns: list[torch.Tensor | None] = [None] * kw
     columns[half - 1] = _weight_grad(x, grad, (c, 1, kh, 3), (kh // 2, 1))
@@ -118,10 +204,12 @@ def depthwise(
     stride: tuple[int, int] = (1, 1),
     padding: tuple[int, int] = (0, 0),
     dilation: tuple[int, int] = (1, 1),
+    evens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A depthwise convolution without bias. Stride-1 "same" ones that are 5-wide or
     dilated go through :class:`_Depthwise` on CPU (outside autocast); a stride-2
-    dilation-2 one reads only the even pixels, so it runs as a plain convolution on them."""
+    dilation-2 one reads only the even pixels, so it runs as a plain convolution on them
+    (``evens``: ``subsample(x, 0)`` when already at hand)."""
     k, k_w = weight.shape[-2:]
     d = dilation[0]
     same = k == k_w and k % 2 == 1 and tuple(padding) == (d * (k // 2),) * 2
@@ -131,8 +219,8 @@ def depthwise(
         and tuple(dilation) in ((1, 1), (2, 2))
     ):  # fmt: skip
         if tuple(stride) == (2, 2) and d == 2 and even:  # every tap lands on an even pixel
-            evens = x[:, :, ::2, ::2].contiguous(memory_format=_format(x))
-            return depthwise(evens, weight, padding=(k // 2, k // 2))
+            x = subsample(x, 0) if evens is None else evens
+            return depthwise(x, weight, padding=(k // 2, k // 2))
         if tuple(stride) == (1, 1) and (k > 3 if d == 1 else even):
             return _Depthwise.apply(x, weight, d)
     return F.conv2d(x, weight, None, stride, padding, dilation, groups=weight.shape[0])
@@ -148,11 +236,14 @@ def _is_depthwise(m: nn.Module) -> bool:
 def scaled_batch_norm(
     bn: nn.BatchNorm2d, x: torch.Tensor, scale: torch.Tensor | None
 ) -> torch.Tensor:
-    """``scale · bn(x)`` for a non-affine, batch-statistics BatchNorm, in one kernel: the
-    edge weight becomes the BatchNorm's affine weight, so neither the product nor its two
-    gradient products are separate passes over the tensor."""
-    if scale is None or bn.affine or bn.track_running_stats:
-        return bn(x) if scale is None else scale * bn(x)
+    """``scale · bn(x)`` (``scale``: a scalar or one value per channel); for a non-affine,
+    batch-statistics BatchNorm in one kernel: the weight becomes the BatchNorm's affine
+    weight, so neither the product nor its two gradient products are separate passes over
+    the tensor."""
+    if scale is None:
+        return bn(x)
+    if bn.affine or bn.track_running_stats:
+        return scale.reshape(1, -1, 1, 1) * bn(x)
     # a materialised weight: torch 2.14's CPU BatchNorm backward gets the input gradient of
     # a channels_last tensor wrong with a stride-0 (expanded) weight
     weight = scale.expand(x.shape[1]).contiguous()
@@ -160,19 +251,30 @@ def scaled_batch_norm(
 
 
 def conv_op(
-    op: nn.Sequential, relu_x: torch.Tensor, scale: torch.Tensor | None = None
+    op: nn.Sequential,
+    relu_x: torch.Tensor,
+    scale: torch.Tensor | None = None,
+    evens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``scale ·`` a SepConv / DilConv / ReLUConvBN (``ReLU -> ... -> BN``) applied to an
-    already rectified input."""
+    already rectified input (``evens``: its even pixels, if at hand; see :func:`depthwise`)."""
     body = list(op)[1:]
     bn = body.pop() if body and isinstance(body[-1], nn.BatchNorm2d) else None
+    previous = None
     for m in body:
         if _is_depthwise(m):
-            relu_x = depthwise(relu_x, m.weight, m.stride, m.padding, m.dilation)  # type: ignore[arg-type]
+            first = previous is None
+            relu_x = depthwise(
+                relu_x, m.weight, m.stride, m.padding, m.dilation,  # type: ignore[arg-type]
+                evens=evens if first else None,
+            )  # fmt: skip
+        elif isinstance(m, nn.ReLU) and isinstance(previous, nn.BatchNorm2d):
+            relu_x = F.relu_(relu_x)  # the BatchNorm's fresh output: its backward needs its input
         else:
             relu_x = m(relu_x)
+        previous = m
     if bn is None:
-        return relu_x if scale is None else scale * relu_x
+        return relu_x if scale is None else scale.reshape(1, -1, 1, 1) * relu_x
     return scaled_batch_norm(bn, relu_x, scale)
 
 
@@ -186,26 +288,43 @@ def preprocess(op: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def factorized_reduce(
-    op: FactorizedReduce, relu_x: torch.Tensor, scale: torch.Tensor | None = None
+    op: FactorizedReduce,
+    relu_x: torch.Tensor,
+    scale: torch.Tensor | None = None,
+    phases: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """``scale ·`` a ``FactorizedReduce`` applied to an already rectified input."""
-    halves = [op.conv_1(relu_x), op.conv_2(relu_x[:, :, 1:, 1:])]
+    """``scale ·`` a ``FactorizedReduce`` applied to an already rectified input: its two
+    stride-2 1x1 convolutions (of the input and of the input less its first row and
+    column) as plain ones of the pixels they read (``phases``: ``subsample(relu_x, 0)``
+    and ``subsample(relu_x, 1)``, if at hand)."""
+    even, odd = phases if phases is not None else (subsample(relu_x, 0), subsample(relu_x, 1))
+    halves = [F.conv2d(even, op.conv_1.weight), F.conv2d(odd, op.conv_2.weight)]
     return scaled_batch_norm(op.bn, torch.cat(halves, dim=1), scale)
 
 
 class SharedInputs:
-    """What every edge leaving one state computes alike: the rectified state and the
-    pooled-and-normalised state, each computed on first use."""
+    """What every edge leaving one state computes alike: the rectified state, its even and
+    odd pixels (what stride-2 edges read) and the pooled-and-normalised state, each
+    computed on first use."""
 
-    def __init__(self, x: torch.Tensor) -> None:
+    def __init__(self, x: torch.Tensor, stride: int = 1) -> None:
         self.x = x
+        self.stride = stride  # of the edges leaving the state
         self._relu: torch.Tensor | None = None
+        self._phases: tuple[torch.Tensor, torch.Tensor] | None = None
         self._pooled: dict[int, torch.Tensor] = {}
 
     def relu(self) -> torch.Tensor:
         if self._relu is None:
             self._relu = F.relu(self.x)
         return self._relu
+
+    def phases(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``subsample(relu(x), 0)`` and ``subsample(relu(x), 1)``."""
+        if self._phases is None:
+            relu_x = self.relu()
+            self._phases = subsample(relu_x, 0), subsample(relu_x, 1)
+        return self._phases
 
     def pooled(self, k: int, op: nn.Module) -> torch.Tensor:
         """The output of parameter-free primitive ``k`` (the same on every edge)."""
@@ -220,27 +339,53 @@ _SKIPPED = PRIMITIVES.index(NONE_OP)
 _PARAMETER_FREE = frozenset(k for k, name in enumerate(PRIMITIVES) if OPS[name].parameter_free)
 
 
+class CellWeights:
+    """A cell's edge weights (``edges x ops``), split up once per forward pass.
+
+    ``scalars[e][k]`` is op ``k``'s weight on edge ``e``; ``vectors[e][k]`` is the same value
+    repeated once per channel, a ready BatchNorm weight (:func:`scaled_batch_norm`). Two
+    ``unbind`` calls stand in for a ``select`` per edge and op (and an ``expand`` and a copy
+    per BatchNorm), whose backward ops would each fill and sum small tensors: thousands of
+    tiny operations per step.
+    """
+
+    def __init__(self, weights: torch.Tensor, channels: int) -> None:
+        self.scalars = [row.unbind(0) for row in weights.unbind(0)]
+        vectors = weights.unsqueeze(-1).expand(*weights.shape, channels).contiguous()
+        self.vectors = [row.unbind(0) for row in vectors.unbind(0)]
+
+
 def mixed_edge(
-    ops: nn.ModuleList, shared: SharedInputs, weights: torch.Tensor, total: torch.Tensor | None
+    ops: nn.ModuleList,
+    shared: SharedInputs,
+    scalars: Sequence[torch.Tensor],
+    vectors: Sequence[torch.Tensor],
+    total: torch.Tensor | None,
 ) -> torch.Tensor:
-    """``total + Σ_k weights[k] · ops[k](x)`` (``x = shared.x``), by the fast path."""
+    """``total + Σ_k w_k · ops[k](x)`` (``x = shared.x``) by the fast path, with ``w_k``
+    given as ``scalars[k]`` and as a per-channel ``vectors[k]`` (:class:`CellWeights`).
+
+    The sum is accumulated in place: ``total`` must be this pass's own tensor (the result
+    of an earlier call, or ``None``), which no backward function keeps.
+    """
     for k, op in enumerate(ops):
         if k == _SKIPPED:
             continue
-        w = weights[k]
+        w = scalars[k]
         if k in _PARAMETER_FREE:  # shared between edges: weighted here
             y = shared.pooled(k, op)
         elif isinstance(op, Identity):
             y = shared.x
         else:  # ops ending in a non-affine BatchNorm: the weight goes into it
+            phases = shared.phases() if shared.stride == 2 else None
             if isinstance(op, FactorizedReduce):
-                y = factorized_reduce(op, shared.relu(), w)
+                y = factorized_reduce(op, shared.relu(), vectors[k], phases)
             elif isinstance(op, nn.Sequential) and isinstance(op[0], nn.ReLU):
-                y = conv_op(op, shared.relu(), w)
+                y = conv_op(op, shared.relu(), vectors[k], phases[0] if phases else None)
             else:  # a primitive this path does not know: run it as it is
                 y = w * op(shared.x)
-            total = y if total is None else total + y
+            total = y if total is None else total.add_(y)
             continue
-        total = w * y if total is None else torch.addcmul(total, w, y)
+        total = w * y if total is None else total.addcmul_(w, y)
     assert total is not None
     return total
