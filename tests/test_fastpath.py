@@ -124,15 +124,15 @@ def test_cell_output_hands_its_states_contiguous_gradients():
         torch.randn(2, 4, 6, 6).contiguous(memory_format=torch.channels_last).requires_grad_()
         for _ in range(3)
     ]
-    grads: list[torch.Tensor] = []
-    for s in states:
-        s.register_hook(grads.append)
+    grads: dict[int, torch.Tensor] = {}
+    for k, s in enumerate(states):
+        s.register_hook(lambda grad, k=k: grads.__setitem__(k, grad))
     out = concat(states)
     torch.testing.assert_close(out, torch.cat(states, dim=1), rtol=0, atol=0)
     g = torch.randn(2, 12, 6, 6).contiguous(memory_format=torch.channels_last)
     out.backward(g)
-    assert len(grads) == 3
-    for k, grad in enumerate(grads):
+    assert sorted(grads) == [0, 1, 2]
+    for k, grad in grads.items():
         # not a channel slice of g: CPU BatchNorm backward is ~10x slower on one
         assert grad.is_contiguous(memory_format=torch.channels_last)
         torch.testing.assert_close(grad, g[:, 4 * k : 4 * k + 4], rtol=0, atol=0)

@@ -263,10 +263,9 @@ def conv_op(
     previous = None
     for m in body:
         if _is_depthwise(m):
-            first = previous is None
             relu_x = depthwise(
                 relu_x, m.weight, m.stride, m.padding, m.dilation,  # type: ignore[arg-type]
-                evens=evens if first else None,
+                evens=evens if previous is None else None,  # only the op's input has them
             )  # fmt: skip
         elif isinstance(m, nn.ReLU) and isinstance(previous, nn.BatchNorm2d):
             relu_x = F.relu_(relu_x)  # the BatchNorm's fresh output: its backward needs its input
