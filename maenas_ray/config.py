@@ -83,7 +83,7 @@ class DataConfig:
 class SearchConfig:
     """``search`` section: the supernet, the masked autoencoder and the bi-level loop."""
 
-    # supernet (DESIGN §1.2)
+    # supernet (docs/method.md §1.2)
     channels: int = 16
     layers: int = 8
     stem: Literal["cifar", "imagenet"] = "cifar"
@@ -113,8 +113,22 @@ class SearchConfig:
     #: 0 = the search stops with an error naming the epoch and step
     nan_retries: int = 0
     nan_lr_factor: float = 0.1
-    #: second-order DARTS (unrolled step + finite-difference Hessian-vector product)
+    #: second-order DARTS (unrolled step + finite-difference Hessian-vector product);
+    #: always computed in full fp32 (no autocast, no TF32), whatever ``precision`` says
     unrolled: bool = False
+    #: the dominant eigenvalue of the Hessian of the A-split loss with respect to α
+    #: (RobustDARTS' collapse signal, metric ``hessian_eigenvalue``), measured at the end of
+    #: every N-th epoch on fixed A-split images and masks; 0 = off
+    hessian_every: int = 1
+    #: power-iteration steps of one measurement (its cost: about this many double-backward
+    #: passes over one batch)
+    hessian_iters: int = 20
+    #: DARTS-ES: stop when the eigenvalue's mean over the last ``early_stop_window`` epochs
+    #: grew by more than 1 / ``early_stop_ratio`` over the window before (needs
+    #: hessian_every > 0); the result is then the architecture of ``window`` epochs earlier
+    early_stop: bool = False
+    early_stop_window: int = 5
+    early_stop_ratio: float = 0.75
     # evaluation at the end of each epoch: fixed images, fixed masks, so runs compare
     eval_images: int = 256
     #: mask ratio / patch size of the evaluation masks; null = the search's own
@@ -122,7 +136,9 @@ class SearchConfig:
     eval_patch_size: int | None = None
     # runtime
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    #: auto = bf16 autocast on CUDA, fp32 on CPU
+    #: the weight step and the evaluation: auto = bf16 autocast on CUDA, fp32 on CPU. The
+    #: α gradient (first and second order) and the Hessian eigenvalue always run in full
+    #: fp32 (docs/performance.md: the bf16 error of the α gradient)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     seed: int = 0
 
@@ -165,11 +181,20 @@ class SearchConfig:
             _fail("search.nan_retries", self.nan_retries, "must be >= 0")
         if not 0.0 < self.nan_lr_factor < 1.0:
             _fail("search.nan_lr_factor", self.nan_lr_factor, "must be in (0, 1)")
+        if self.hessian_every < 0:
+            _fail("search.hessian_every", self.hessian_every, "must be >= 0 (epochs; 0 = off)")
+        _positive("search.hessian_iters", self.hessian_iters)
+        if self.early_stop_window < 1:
+            _fail("search.early_stop_window", self.early_stop_window, "must be >= 1 (epochs)")
+        if not 0.0 < self.early_stop_ratio < 1.0:
+            _fail("search.early_stop_ratio", self.early_stop_ratio, "must be in (0, 1)")
+        if self.early_stop and self.hessian_every == 0:
+            _fail("search.early_stop", True, "needs the eigenvalue: set search.hessian_every >= 1")
 
 
 @dataclass
 class RetrainConfig:
-    """``retrain`` section: supervised training of a derived genotype (DESIGN §1.6).
+    """``retrain`` section: supervised training of a derived genotype (docs/method.md §1.6).
 
     The defaults are the CIFAR protocol; ``tune_configs/retrain_imagenet.yaml`` holds the
     ImageNet one. Labels are read here and only here.

@@ -17,6 +17,7 @@ import argparse
 import sys
 from typing import Any
 
+from maenas_ray.engines.search import NEAR_UNIFORM, UNIFORM_ENTROPY, uniform_alpha_warning
 from maenas_ray.results import Experiment, ExperimentError, load_experiment
 
 
@@ -70,8 +71,9 @@ def leaderboard_rows(
 ) -> list[list[str]]:
     """The leaderboard as a header and one row of strings per trial, best ``metric``
     (default: the objective) first: rank, trial, tuned parameters, metric, skip count,
-    status (``unfinished@<epoch>`` while running, interrupted or stopped early; an error's
-    last line) and genotype summary. Trials without a score (not reported yet, NaN,
+    status (``unfinished@<epoch>`` while running, interrupted or stopped by the scheduler;
+    ``early@<epoch>-><kept epoch>`` after a collapse early stop; an error's last line) and
+    genotype summary. Trials without a score (not reported yet, NaN,
     errored) come last without a rank."""
     metric = metric or exp.config.objective.metric
     try:
@@ -83,6 +85,8 @@ def leaderboard_rows(
     others = [t for t in exp.trials() if t not in ranked]
     for i, t in enumerate([*ranked, *others], 1):
         status = {"unfinished": f"unfinished@{t.metrics.get('epoch', 0)}"}.get(t.status, t.status)
+        if t.metrics.get("stopped_early"):  # DARTS-ES: the search ended early
+            status = f"{status}, early@{t.metrics['epoch']}->{t.metrics['kept_epoch']}"
         rows.append(
             [
                 str(i) if t in ranked else "-",
@@ -98,13 +102,39 @@ def leaderboard_rows(
 
 
 def leaderboard(exp: Experiment, metric: str | None = None, mode: str | None = None) -> str:
-    """:func:`leaderboard_rows` as a plain-text table (the genotype summary unpadded)."""
+    """:func:`leaderboard_rows` as a plain-text table (the genotype summary unpadded),
+    followed by :func:`leaderboard_notes`."""
     rows = leaderboard_rows(exp, metric, mode)
     widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]) - 1)]
-    return "\n".join(
+    table = [
         "  ".join(c.ljust(w) for c, w in zip(row[:-1], widths, strict=True)) + "  " + row[-1]
         for row in rows
-    )
+    ]
+    notes = leaderboard_notes(exp)
+    return "\n".join([*table, *(["", *notes] if notes else [])])
+
+
+def leaderboard_notes(exp: Experiment) -> list[str]:
+    """What a reader of the leaderboard must know: trials whose α ended close to uniform
+    (their genotypes carry little information) and trials stopped early on collapse."""
+    notes = []
+    flat = [t for t in exp.trials() if uniform_alpha_warning(t.metrics.get("alpha_entropy"))]
+    if flat:
+        entropies = ", ".join(f"{t.trial_id} {t.metrics['alpha_entropy']:.3f}" for t in flat)
+        notes.append(
+            f"note: {len(flat)} of {len(exp.trials())} trials ended with α close to uniform "
+            f"(mean entropy above {NEAR_UNIFORM:g} x ln 8 = {NEAR_UNIFORM * UNIFORM_ENTROPY:.3f}: "
+            f"{entropies}); their genotypes carry little information. Raise search.arch_lr, "
+            "or search.epochs / search.steps_per_epoch"
+        )
+    for t in exp.trials():
+        if t.metrics.get("stopped_early"):
+            notes.append(
+                f"note: trial {t.trial_id} stopped early after epoch {t.metrics['epoch']} "
+                f"({t.metrics.get('stop_reason', 'collapse')}); its genotype is that of epoch "
+                f"{t.metrics['kept_epoch']}"
+            )
+    return notes
 
 
 def _fmt(value: Any) -> str:

@@ -10,6 +10,8 @@ running sweep is fine) and writes PNG figures and one ``index.html`` that shows 
   study lived in memory only);
 - the skip-connect count of the derived normal cell against the mask ratio, per decoder
   type: the collapse picture (a plain decoder drifts to skip connections);
+- the collapse signals over time: skip count, α entropy and the dominant Hessian
+  eigenvalue per search epoch, one line per trial;
 - the best genotypes: their cell drawings and reconstruction grids.
 
 ``--out`` defaults to ``<experiment>/report`` for a local experiment and to
@@ -32,7 +34,8 @@ import pyarrow.fs
 from matplotlib.ticker import MaxNLocator
 
 from maenas_ray.config import SearchConfig, numeric_type
-from maenas_ray.genotypes import leaderboard_rows
+from maenas_ray.engines.search import UNIFORM_ENTROPY
+from maenas_ray.genotypes import leaderboard_notes, leaderboard_rows
 from maenas_ray.results import Experiment, ExperimentError, Trial, load_experiment
 from maenas_ray.viz import new_figure, save_figure
 
@@ -227,6 +230,69 @@ def _collapse(exp: Experiment, out: Path) -> Section:
     return sec
 
 
+#: The per-epoch collapse signals drawn over time: metric, axis label.
+COLLAPSE_SIGNALS = (
+    ("skip_count", "skip_connect in the normal cell"),
+    ("alpha_entropy", "mean α entropy (ln 8 = uniform)"),
+    ("hessian_eigenvalue", "dominant Hessian eigenvalue (α)"),
+)
+
+
+def search_epochs(trial: Trial) -> list[dict[str, Any]]:
+    """A trial's search epochs, one row per epoch (its last report of it), in order; the
+    proxy retrain's reports, which repeat the search's final metrics, left out."""
+    rows: dict[int, dict[str, Any]] = {}
+    for row in trial.history:
+        if "proxy_epoch" not in row and isinstance(row.get("epoch"), int):
+            rows[row["epoch"]] = row
+    return [rows[e] for e in sorted(rows)]
+
+
+def _collapse_over_time(exp: Experiment, out: Path) -> Section:
+    sec = Section("Collapse over time: skip connections, α entropy and curvature per epoch")
+    series = [(t, search_epochs(t)) for t in exp.trials()]
+    series = [(t, rows) for t, rows in series if rows]
+    if not series:
+        sec.notes.append("no trial has reported a search epoch yet")
+        return sec
+    decoders = sorted({str(_tuned(t, "decoder", exp)) for t, _ in series})
+    colours = dict(zip(decoders, ("tab:blue", "tab:orange", "tab:green", "tab:red"), strict=False))
+    fig = new_figure((13.5, 3.8))
+    axes = fig.subplots(1, len(COLLAPSE_SIGNALS))
+    for ax, (key, label) in zip(axes, COLLAPSE_SIGNALS, strict=True):
+        drawn = False
+        for t, rows in series:
+            pts = [(r["epoch"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+            if not pts:
+                continue
+            drawn = True
+            decoder = str(_tuned(t, "decoder", exp))
+            xs, ys = zip(*pts, strict=True)
+            ax.plot(xs, ys, marker=".", alpha=0.75, color=colours.get(decoder, "tab:gray"))
+            ax.annotate(
+                f"{_tuned(t, 'mask_ratio', exp):g}", (xs[-1], ys[-1]), fontsize=7,
+                xytext=(3, 0), textcoords="offset points", va="center",
+            )  # fmt: skip
+        if key == "alpha_entropy":
+            ax.axhline(UNIFORM_ENTROPY, color="gray", linestyle=":", linewidth=1)
+        if not drawn:
+            ax.text(0.5, 0.5, "not measured\n(search.hessian_every: 0)", ha="center",
+                    va="center", transform=ax.transAxes, color="gray")  # fmt: skip
+        ax.set_xlabel("search epoch")
+        ax.set_ylabel(label)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    handles = [axes[0].plot([], [], color=colours[d], label=d)[0] for d in decoders]
+    axes[0].legend(handles=handles, title="decoder", fontsize=8)
+    save_figure(fig, out / "collapse_over_time.png")
+    sec.figures.append("collapse_over_time.png")
+    sec.notes.append(
+        "one line per trial, coloured by decoder, labelled by its mask ratio at the last epoch; "
+        "the eigenvalue (RobustDARTS) rises before the skip count does"
+    )
+    return sec
+
+
 def _best_genotypes(exp: Experiment, ranked: list[tuple[Any, float, Trial]], metric: str,
                     out: Path) -> Section:  # fmt: skip
     sec = Section(f"The best genotypes by {metric}")
@@ -295,6 +361,7 @@ def write_report(exp: Experiment, out: str | os.PathLike, top: int = 3) -> Path:
         _objective_vs_params(exp, metric, best, target),
         *_study_sections(exp, metric, mode, target),
         _collapse(exp, target),
+        _collapse_over_time(exp, target),
         _best_genotypes(exp, ranked[:top], metric, target),
     ]
     counts = {s: sum(t.status == s for t in trials) for s in ("done", "unfinished", "error")}
@@ -305,6 +372,7 @@ def write_report(exp: Experiment, out: str | os.PathLike, top: int = 3) -> Path:
         f"&middot; objective {html.escape(metric)} ({mode})</p>",
         "<h2>Leaderboard</h2>",
         _leaderboard(exp, metric, mode),
+        *(f"<p class=note>{html.escape(n)}</p>" for n in leaderboard_notes(exp)),
     ]
     for sec in sections:
         body.append(f"<h2>{html.escape(sec.title)}</h2>")

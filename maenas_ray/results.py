@@ -44,7 +44,7 @@ class Trial:
     path: str  # the trial directory, inside the experiment's filesystem
     params: dict[str, Any]  # the tuned values, e.g. {"search": {"mask_ratio": 0.6}}
     metrics: dict[str, Any]  # the last reported result; {} before the first report
-    status: str  # "done", "unfinished" (running, interrupted or stopped early), "error"
+    status: str  # "done", "unfinished" (running, interrupted, stopped by the scheduler), "error"
     error: str | None = None
     genotype: Genotype | None = None
     history: list[dict[str, Any]] = field(default_factory=list, repr=False)
@@ -185,10 +185,10 @@ def _json_lines(text: str | None) -> list[dict[str, Any]]:
 
 def trial_done(config: Config, params: dict[str, Any], metrics: dict[str, Any]) -> bool:
     """Whether a trial's last result is its final one: the search ran all its epochs (a
-    tuned ``search.epochs`` in ``params`` counts) and, for a proxy objective, the proxy
-    retrain too."""
+    tuned ``search.epochs`` in ``params`` counts) or stopped early (DARTS-ES) and, for a
+    proxy objective, the proxy retrain ran too."""
     epochs = params.get("search", {}).get("epochs", config.search.epochs)
-    done = metrics.get("epoch") == epochs
+    done = metrics.get("epoch") == epochs or metrics.get("stopped_early") is True
     if config.objective.metric.startswith("proxy_"):
         done = done and metrics.get("proxy_epoch") == config.retrain.proxy_epochs
     return done

@@ -2,10 +2,10 @@
 
 The genotype is a JSON file, a published name (``DARTS_V2``), or the ``--top K`` of a sweep
 ``--experiment``. Each retraining is data parallel over ``--num-workers`` workers (DDP:
-NCCL with ``--use-gpu``, gloo on CPUs) with the ``retrain`` recipe of the config (DESIGN
-§1.6), writes a checkpoint every epoch to ``<storage-path>/<name>``, and resumes from it
-when run again with the same storage path and name. Prints parameters, multiply-adds at
-the input size and the final held-out accuracy.
+NCCL with ``--use-gpu``, gloo on CPUs) with the ``retrain`` recipe of the config
+(docs/method.md §1.6), writes a checkpoint every epoch to ``<storage-path>/<name>``, and
+resumes from it when run again with the same storage path and name. Prints parameters,
+multiply-adds at the input size and the final held-out accuracy.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ from maenas_ray.engines.search import (
     SearchCallback,
     load_search_state,
     run_search,
+    uniform_alpha_warning,
 )
 
 
@@ -38,14 +39,21 @@ class ConsoleAndFiles(SearchCallback):
         report.save_checkpoint(self.out_dir / "checkpoint")
         with open(self.out_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(m) + "\n")
+        eigenvalue = f"  λ {m['hessian_eigenvalue']:.3g}" if "hessian_eigenvalue" in m else ""
         print(
             f"epoch {report.epoch}/{report.epochs}  train {m['train_loss']:.4f}  "
             f"val {m['val_loss']:.4f}  eval {m['eval_loss']:.4f} "
             f"(PSNR {m['eval_psnr']:.2f} dB)  skip {m['skip_count']}  "
-            f"H(α) {m['alpha_entropy']:.3f}  {m['images_per_sec']:.0f} img/s  "
+            f"H(α) {m['alpha_entropy']:.3f}{eigenvalue}  {m['images_per_sec']:.0f} img/s  "
             f"[{time.perf_counter() - self.started:.0f}s]",
             flush=True,
         )
+        if m.get("stopped_early"):
+            print(
+                f"stopped early after epoch {report.epoch}: {m['stop_reason']}; the result is "
+                f"the architecture of epoch {m['kept_epoch']}",
+                flush=True,
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"genotype: {result.genotype!r}")
     print(f"wrote {out / 'genotype.json'}, metrics.jsonl and pictures (*.png) to {out}")
+    warning = uniform_alpha_warning(result.metrics.get("alpha_entropy"))
+    if warning:
+        print(f"warning: {warning}")
     return 0
 
 

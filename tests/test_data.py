@@ -88,8 +88,43 @@ def test_search_data_splits_disjoint_halves():
     assert w.shape[0] == a.shape[0] == 32
     w_rows = {tuple(img.flatten().tolist()) for img in w}
     assert not any(tuple(img.flatten().tolist()) in w_rows for img in a)
-    assert data.eval_images.shape == (16, 3, 16, 16) and data.eval_images.dtype == torch.float32
+    # all 12 images of the synthetic test split (num_images // 5), fewer than the 16 asked
+    assert data.eval_images.shape == (12, 3, 16, 16) and data.eval_images.dtype == torch.float32
     assert next(iter(data.w)).shape == (8, 3, 16, 16)
+
+
+def test_the_eval_images_are_held_out_of_the_w_and_a_splits():
+    # a dataset with a test split: the evaluation images are its first ones
+    cfg = DataConfig(num_images=64, image_size=16)
+    data = search_data(cfg, 8, torch.device("cpu"), torch.Generator().manual_seed(0), 10)
+    train, test = build_dataset(cfg, True), build_dataset(cfg, False)
+    assert data.eval_split == "test" and data.eval_indices == list(range(10))
+    assert not set(data.w_indices) & set(data.a_indices)
+    assert sorted(data.w_indices + data.a_indices) == list(range(64))
+    mean, std = torch.tensor(train.mean), torch.tensor(train.std)  # the training statistics
+    assert torch.equal(data.eval_images, normalize(test.images[:10], mean, std))
+    # a dataset without one (given directly, or an ImageFolder without val/): training
+    # images that neither split holds
+    given = search_data(
+        cfg, 8, torch.device("cpu"), torch.Generator().manual_seed(0), 10, dataset=train
+    )
+    w, a, e = (set(i) for i in (given.w_indices, given.a_indices, given.eval_indices))
+    assert given.eval_split == "train" and len(e) == 10
+    assert not (w & a) and not (w & e) and not (a & e) and len(w | a | e) == 64
+    want = normalize(train.images[given.eval_indices], mean, std)
+    assert torch.equal(given.eval_images, want)
+    # and the batches each split yields hold only its own images
+    rows = {tuple(img.flatten().tolist()): i for i, img in enumerate(train.images)}
+    for batches, allowed in ((given.w, w), (given.a, a)):
+        assert {rows[tuple(img.flatten().tolist())] for img in batches.images} == allowed
+
+
+def test_imagefolder_without_val_holds_out_training_images(tmp_path):
+    _write_folder(tmp_path, per_class=6)
+    cfg = DataConfig(dataset="imagefolder", root=str(tmp_path), image_size=16, num_workers=0)
+    data = search_data(cfg, 2, torch.device("cpu"), torch.Generator().manual_seed(0), 4)
+    assert data.eval_split == "train" and data.eval_images.shape == (4, 3, 16, 16)
+    assert not set(data.eval_indices) & set(data.w_indices + data.a_indices)
 
 
 def test_worker_path_gives_the_same_kind_of_batches():
@@ -151,3 +186,26 @@ def test_cifar_absent_without_download_names_the_root(tmp_path):
     cfg = DataConfig(dataset="cifar10", root=str(tmp_path), download=False)
     with pytest.raises(FileNotFoundError, match=r"cifar10 is not under data.root='.*'"):
         build_dataset(cfg)
+
+
+def test_imagenet_retraining_adds_darts_colour_jitter(tmp_path):
+    from torchvision.transforms import v2
+
+    from maenas_ray.data.labelled import retrain_data
+    from maenas_ray.data.loaders import image_transforms
+
+    _write_folder(tmp_path / "train")
+    _write_folder(tmp_path / "val", per_class=2)
+    cfg = DataConfig(dataset="imagefolder", root=str(tmp_path), image_size=16, num_workers=0)
+    folder = build_dataset(cfg, train=True)
+
+    def jitters(transform) -> list:
+        return [t for t in transform.transforms if isinstance(t, v2.ColorJitter)]
+
+    assert jitters(image_transforms(folder, 16, augment=True)) == []  # the search: none
+    data = retrain_data(cfg, 2, torch.device("cpu"), torch.Generator().manual_seed(0))
+    (jitter,) = jitters(data.train.loader.dataset.transform)
+    assert jitter.brightness == jitter.contrast == jitter.saturation == (0.6, 1.4)
+    assert jitter.hue == (-0.2, 0.2)
+    held_out = data.held_out.loader.dataset.transform
+    assert jitters(held_out) == []  # evaluation images are not jittered

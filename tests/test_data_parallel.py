@@ -20,6 +20,7 @@ def tiny_config():
             "search": {
                 "channels": 4, "layers": 3, "batch_size": 8, "epochs": 2, "steps_per_epoch": 2,
                 "patch_size": 4, "eval_images": 16, "decoder_width": 8, "device": "cpu",
+                "hessian_iters": 2,
             },
         }
     )  # fmt: skip
@@ -65,8 +66,10 @@ def test_two_ranks_average_gradients_and_stay_identical(tmp_path):
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
     # averaged gradients, the same random draws: both ranks hold the same search
     assert r0["alphas"] == r1["alphas"]
-    assert r0["metrics"] == {**r1["metrics"], "epoch_time": r0["metrics"]["epoch_time"],
-                             "images_per_sec": r0["metrics"]["images_per_sec"]}  # fmt: skip
+    timing = ("epoch_time", "images_per_sec", "hessian_time")
+    assert r0["metrics"] == {**r1["metrics"], **{k: r0["metrics"][k] for k in timing}}
+    # the eigenvalue is that of the mean loss over both ranks' shares: the same on both
+    assert "hessian_eigenvalue" in r0["metrics"]
     assert r0["metrics"]["steps"] == 2
 
 

@@ -8,6 +8,7 @@ from maenas_ray.mae import (
     masked_psnr,
     patchify,
     random_patch_mask,
+    unnormalize_patches,
     unpatchify,
 )
 
@@ -106,3 +107,21 @@ def test_masked_psnr():
     pred = torch.full((2, 3, 8, 8), 0.4)  # 0.1 error in pixel space -> 20 dB
     mask = torch.ones(2, 4, dtype=torch.bool)
     assert masked_psnr(pred, target, mask, mean, std).item() == pytest.approx(20.0, abs=1e-3)
+
+
+def test_unnormalize_patches_undoes_norm_pix_on_pixels():
+    # a perfect norm_pix prediction, taken back to the image: the target itself, so its
+    # PSNR is that of a perfect reconstruction (the normalised values would score ~0 dB)
+    gen = torch.Generator().manual_seed(0)
+    target = torch.rand(2, 3, 8, 8, generator=gen) - 0.5  # pixels in [0.375, 0.625] below
+    mask = random_patch_mask(2, 8, 8, 4, 0.5, generator=gen)
+    p = patchify(target, 4)
+    normed = unpatchify(
+        (p - p.mean(-1, keepdim=True)) / (p.var(-1, keepdim=True) + 1e-6).sqrt(), 4, 8, 8
+    )
+    assert masked_mse(normed, target, mask, norm_pix=True).item() == pytest.approx(0, abs=1e-8)
+    back = unnormalize_patches(normed, target, 4)
+    assert torch.allclose(back, target, atol=1e-5)
+    mean, std = torch.tensor([0.5] * 3), torch.tensor([0.25] * 3)
+    assert masked_psnr(back, target, mask, mean, std) > 80
+    assert masked_psnr(normed, target, mask, mean, std) < 20

@@ -200,7 +200,7 @@ def test_sweep_with_the_proxy_objective_ranks_by_proxy_top1(tmp_path, capsys, mo
         **TINY,
         "search": {"channels": 4, "layers": 3, "batch_size": 8, "epochs": 1,
                    "steps_per_epoch": 2, "patch_size": 4, "eval_images": 16,
-                   "decoder_width": 8, "device": "cpu"},
+                   "decoder_width": 8, "device": "cpu", "hessian_iters": 2},
         "retrain": {**TINY["retrain"], "proxy_epochs": 2, "proxy_channels": 8,
                     "proxy_layers": 5},
         "space": {"mask_ratio": {"low": 0.3, "high": 0.7}},

@@ -11,7 +11,7 @@ TINY = {
     "data": {"num_images": 64, "image_size": 16},
     "search": {
         "channels": 4, "layers": 3, "batch_size": 8, "epochs": 2, "steps_per_epoch": 2,
-        "patch_size": 4, "eval_images": 8, "decoder_width": 8, "device": "cpu",
+        "patch_size": 4, "eval_images": 8, "decoder_width": 8, "device": "cpu", "hessian_iters": 2,
     },
 }  # fmt: skip
 

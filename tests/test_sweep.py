@@ -46,7 +46,7 @@ TINY = {
     "data": {"dataset": "synthetic", "num_images": 64, "image_size": 16},
     "search": {
         "channels": 4, "layers": 3, "batch_size": 8, "epochs": 2, "steps_per_epoch": 2,
-        "patch_size": 4, "eval_images": 16, "decoder_width": 8, "device": "cpu",
+        "patch_size": 4, "eval_images": 16, "decoder_width": 8, "device": "cpu", "hessian_iters": 2,
     },
     "space": {
         "mask_ratio": {"low": 0.3, "high": 0.7},
@@ -74,7 +74,7 @@ def test_shipped_sweep_configs_are_valid():
     assert quick.tune.num_samples == 4 and quick.tune.gpus_per_trial == 0
     assert quick.data.dataset == "synthetic"
     cifar = load_config(REPO / "tune_configs" / "cifar10.yaml", sweep=True)
-    s = cifar.search  # DESIGN §1.4 defaults, one GPU per trial
+    s = cifar.search  # docs/method.md §1.4 defaults, one GPU per trial
     assert (s.channels, s.layers, s.epochs, s.batch_size, s.lr, s.arch_lr) == (
         16, 8, 50, 64, 0.025, 3e-4,
     )  # fmt: skip

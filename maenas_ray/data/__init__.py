@@ -6,6 +6,7 @@ from maenas_ray.data.datasets import (
     ImageDataset,
     InMemoryImages,
     build_dataset,
+    held_out_dataset,
     make_synthetic,
 )
 from maenas_ray.data.loaders import (
@@ -26,6 +27,7 @@ __all__ = [
     "SearchData",
     "WorkerBatches",
     "build_dataset",
+    "held_out_dataset",
     "make_synthetic",
     "normalize",
     "random_crop_flip",

@@ -246,3 +246,12 @@ def build_dataset(cfg: DataConfig, train: bool = True) -> ImageDataset:
     if cfg.dataset not in DATASETS:
         raise ValueError(f"unknown dataset {cfg.dataset!r}; allowed: {', '.join(DATASETS)}")
     return DATASETS[cfg.dataset](cfg, train)
+
+
+def held_out_dataset(cfg: DataConfig) -> ImageDataset | None:
+    """The dataset's own test/val split (the search reads its images only, for the
+    label-free evaluation), or None where it has none: an ImageFolder root without a
+    ``val`` folder."""
+    if cfg.dataset == "imagefolder" and not (Path(cfg.root).expanduser() / "val").is_dir():
+        return None
+    return build_dataset(cfg, train=False)

@@ -1,4 +1,4 @@
-"""Labelled batches for retraining (DESIGN §1.6): the only place labels are read.
+"""Labelled batches for retraining (docs/method.md §1.6): the only place labels are read.
 
 The same two paths as the search batches (``loaders.py``): in-memory datasets live on the
 device as uint8 and are cropped, flipped, cut out and normalised there in a few batched
@@ -211,7 +211,8 @@ def retrain_data(
         )  # fmt: skip
         return RetrainData(train_batches, held_out, train.num_classes, n_train, n_test)
     pin = device.type == "cuda"
-    augmented = image_transforms(train, cfg.image_size, cfg.augment)
+    # images from disk: the ImageNet recipe, DARTS' colour jitter included
+    augmented = image_transforms(train, cfg.image_size, cfg.augment, color_jitter=True)
     plain = image_transforms(test, cfg.image_size, augment=False)
     view = _Labelled(train, list(range(n_train)), augmented, cutout_size if cfg.augment else 0)
     train_loader = DataLoader(

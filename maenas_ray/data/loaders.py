@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 
 from maenas_ray.config import DataConfig
-from maenas_ray.data.datasets import ImageDataset, build_dataset
+from maenas_ray.data.datasets import ImageDataset, build_dataset, held_out_dataset
 
 
 def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -113,8 +113,13 @@ class _ImagesOnly(Dataset):
         return self.transform(self.dataset.image(self.indices[i]))
 
 
-def image_transforms(dataset: ImageDataset, image_size: int, augment: bool):
-    """torchvision v2 transforms from a dataset image to a normalised float tensor."""
+def image_transforms(
+    dataset: ImageDataset, image_size: int, augment: bool, color_jitter: bool = False
+):
+    """torchvision v2 transforms from a dataset image to a normalised float tensor.
+
+    ``color_jitter`` adds DARTS' ImageNet retraining jitter (brightness, contrast and
+    saturation 0.4, hue 0.2) to the augmentation of images read from disk."""
     from torchvision.transforms import v2
 
     steps: list = []
@@ -132,6 +137,8 @@ def image_transforms(dataset: ImageDataset, image_size: int, augment: bool):
         steps.append(v2.RandomCrop(image_size, padding=image_size // 8))
     if augment:
         steps.append(v2.RandomHorizontalFlip())
+        if on_disk and color_jitter:
+            steps.append(v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.2))
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(dataset.mean, dataset.std)]
     return v2.Compose(steps)
 
@@ -200,14 +207,39 @@ Batches = DeviceBatches | WorkerBatches
 
 @dataclass
 class SearchData:
-    """The two search splits and a fixed evaluation set, all images only."""
+    """The two search splits and a fixed evaluation set, all images only.
+
+    The evaluation images are held out from both splits: the first images of the
+    dataset's own test/val split (``eval_split = "test"``), or, for a dataset without one,
+    training images that neither split holds (``"train"``). The index lists say which
+    images of their split each set holds."""
 
     w: Batches  # weights
     a: Batches  # architecture
-    eval_images: torch.Tensor  # fixed, normalised, from the A-split
+    eval_images: torch.Tensor  # fixed, normalised with the training images' statistics
     mean: torch.Tensor
     std: torch.Tensor
     loader: str  # "device" or "workers"
+    w_indices: list[int]  # of the training images
+    a_indices: list[int]  # of the training images
+    eval_indices: list[int]  # of the images of eval_split
+    eval_split: str  # "test" or "train"
+
+
+def fixed_images(
+    dataset: ImageDataset,
+    indices: Sequence[int],
+    image_size: int,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    device: torch.device,
+) -> torch.Tensor:
+    """The images ``indices`` of ``dataset``, not augmented, normalised with ``mean`` /
+    ``std`` (in-memory images) or the dataset's own statistics (decoded from disk)."""
+    if dataset.images is not None and dataset.images.shape[-1] == image_size:
+        return normalize(dataset.images[list(indices)].to(device), mean, std)
+    transform = image_transforms(dataset, image_size, augment=False)
+    return torch.stack([transform(dataset.image(i)) for i in indices]).to(device)
 
 
 def search_data(
@@ -219,24 +251,38 @@ def search_data(
     dataset: ImageDataset | None = None,
     shard: tuple[int, int] = (0, 1),
 ) -> SearchData:
-    """Split the training images into W and A halves and build the batch streams.
+    """Split the training images into W and A halves, build the batch streams and take
+    ``eval_images`` held-out evaluation images (:class:`SearchData`).
 
     The split is a fixed permutation from ``cfg.seed``; shuffling and augmentation draw
     from ``generator``. ``batch_size`` is the global batch; with ``shard=(rank, world)``
     the streams yield this rank's ``batch_size / world`` images of it. ``dataset``
-    overrides the registry (tests).
+    overrides the registry (tests); it has no test split, so its evaluation images are
+    held out from its training images.
     """
-    dataset = dataset if dataset is not None else build_dataset(cfg, train=True)
+    held_out = None
+    if dataset is None:
+        dataset, held_out = build_dataset(cfg, train=True), held_out_dataset(cfg)
     n = len(dataset) if cfg.max_images is None else min(cfg.max_images, len(dataset))
     order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-    n_w = int(n * cfg.train_portion)
+    if held_out is None:  # no test split: the evaluation images come first, out of both
+        eval_split, eval_idx = "train", sorted(order[:eval_images])
+        order = order[len(eval_idx) :]
+        if len(order) < 2:
+            raise ValueError(
+                f"{n} training images cannot hold {len(eval_idx)} evaluation images "
+                "(search.eval_images) and a W- and an A-split"
+            )
+    else:
+        eval_split, eval_idx = "test", list(range(min(eval_images, len(held_out))))
+    n_w = int(len(order) * cfg.train_portion)
     w_idx, a_idx = sorted(order[:n_w]), sorted(order[n_w:])
     for split, idx in (("W", w_idx), ("A", a_idx)):
         if len(idx) < batch_size:
             raise ValueError(
                 f"the {split}-split has {len(idx)} images (data.train_portion="
-                f"{cfg.train_portion} of {n}), fewer than search.batch_size={batch_size}; "
-                "use more images or a smaller batch"
+                f"{cfg.train_portion} of {len(order)}), fewer than search.batch_size="
+                f"{batch_size}; use more images or a smaller batch"
             )
     loader = cfg.loader
     if loader == "auto":
@@ -271,4 +317,7 @@ def search_data(
             )
             for idx in (w_idx, a_idx)
         )  # fmt: skip
-    return SearchData(w, a, a.head(min(eval_images, len(a_idx))), mean, std, loader)
+    evaluation = fixed_images(
+        held_out if held_out is not None else dataset, eval_idx, cfg.image_size, mean, std, device
+    )
+    return SearchData(w, a, evaluation, mean, std, loader, w_idx, a_idx, eval_idx, eval_split)

@@ -1,5 +1,6 @@
-"""Engines: the search loop (and, later, the retrain loop). Pure torch, no Ray."""
+"""Engines: the search loop and the retrain loop. Pure torch, no Ray."""
 
+from maenas_ray.engines.hessian import dominant_eigenvalue, exact_fp32
 from maenas_ray.engines.search import (
     CHECKPOINT_FILE,
     SEARCH_OBJECTIVES,
@@ -14,6 +15,7 @@ from maenas_ray.engines.search import (
     resolve_device,
     run_search,
     save_search_state,
+    search_finished,
     unrolled_arch_gradients,
 )
 
@@ -30,10 +32,13 @@ __all__ = [
     "SearchLoop",
     "SearchResult",
     "average_over_ranks",
+    "dominant_eigenvalue",
+    "exact_fp32",
     "load_search_state",
     "rank_and_world",
     "resolve_device",
     "run_search",
     "save_search_state",
+    "search_finished",
     "unrolled_arch_gradients",
 ]

@@ -1,4 +1,4 @@
-"""Supervised retraining of a derived genotype (DESIGN §1.6): pure torch, no Ray.
+"""Supervised retraining of a derived genotype (docs/method.md §1.6): pure torch, no Ray.
 
 ``run_retrain(config, genotype, callbacks)`` trains the evaluation network of the
 genotype with the ``retrain`` recipe: SGD with momentum, cosine or exponential learning

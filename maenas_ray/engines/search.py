@@ -1,4 +1,4 @@
-"""The MAE-DARTS search loop (DESIGN §1.4): pure torch, no Ray.
+"""The MAE-DARTS search loop (docs/method.md §1.4): pure torch, no Ray.
 
 ``run_search(config, callbacks)`` runs the bi-level optimisation: per iteration an
 architecture step on an A-batch, then a weight step on a W-batch, each with its own
@@ -33,10 +33,19 @@ from torch.func import functional_call
 
 from maenas_ray.config import Config
 from maenas_ray.data import ImageDataset, SearchData, search_data
+from maenas_ray.engines.hessian import collapse_stop, dominant_eigenvalue, exact_fp32
 from maenas_ray.engines.state import load_state, save_state
-from maenas_ray.mae import MaskedAutoencoder, build_decoder, masked_mse, masked_psnr
-from maenas_ray.mae.masking import apply_mask, random_patch_mask
-from maenas_ray.space import Genotype, Supernet
+from maenas_ray.mae import (
+    MaskedAutoencoder,
+    apply_mask,
+    build_decoder,
+    masked_mse,
+    masked_psnr,
+    patch_size_of,
+    random_patch_mask,
+    unnormalize_patches,
+)
+from maenas_ray.space import PRIMITIVES, Genotype, Supernet
 from maenas_ray.space.cells import BN_STATISTICS
 from maenas_ray.space.supernet import Formulation
 
@@ -82,7 +91,10 @@ def resolve_device(requested: str) -> torch.device:
 
 
 def autocast_for(device: torch.device, precision: str) -> Callable[[], AbstractContextManager]:
-    """bf16 autocast on CUDA (``auto``/``bf16``) or when asked for on CPU; fp32 otherwise."""
+    """bf16 autocast on CUDA (``auto``/``bf16``) or when asked for on CPU; fp32 otherwise.
+
+    It applies to the weight step and the evaluation only: the α gradient (first and second
+    order) and the Hessian eigenvalue run in full fp32 (:func:`exact_fp32`)."""
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     if not use_bf16:
         return nullcontext
@@ -93,6 +105,25 @@ def alpha_entropy(alphas: torch.Tensor) -> float:
     """Mean over edges of the entropy (nats) of softmax(α); log(8) ≈ 2.08 is uniform."""
     p = torch.softmax(alphas.detach().float(), dim=-1)
     return float(-(p * p.clamp_min(1e-12).log()).sum(dim=-1).mean())
+
+
+#: The α entropy of a uniform softmax over the primitives (ln 8 ≈ 2.079), where α starts.
+UNIFORM_ENTROPY = math.log(len(PRIMITIVES))
+#: A search whose final mean α entropy is above this share of uniform barely moved α.
+NEAR_UNIFORM = 0.98
+
+
+def uniform_alpha_warning(entropy: float | None) -> str | None:
+    """A warning when a search ended with α close to uniform (its genotype is then little
+    more than the tie-breaking of near-equal weights), or None."""
+    if entropy is None or entropy <= NEAR_UNIFORM * UNIFORM_ENTROPY:
+        return None
+    return (
+        f"α ended close to uniform (mean entropy {entropy:.3f}; uniform is ln 8 = "
+        f"{UNIFORM_ENTROPY:.3f}): the genotype carries little information. Give the "
+        "architecture step more to go on: raise search.arch_lr, or search.epochs / "
+        "search.steps_per_epoch"
+    )
 
 
 @contextmanager
@@ -193,11 +224,19 @@ class SearchResult:
 
 #: What a search checkpoint holds (``SearchLoop.state``).
 STATE_KEYS = ("epoch", "config", "model", "w_opt", "a_opt", "scheduler", "rng", "history")
+#: What it holds since early stopping exists: checkpoints written before resume without it.
+OPTIONAL_STATE_KEYS = ("arch_trace",)
 
 
 def load_search_state(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint file or a directory holding one; tensors only, no pickled code."""
     return load_state(path, CHECKPOINT_FILE, CHECKPOINT_FORMAT, "search", STATE_KEYS)
+
+
+def search_finished(state: dict[str, Any], epochs: int) -> bool:
+    """Whether the search of a checkpoint is over: all ``epochs`` run, or stopped early."""
+    history = json.loads(state["history"])
+    return int(state["epoch"]) >= epochs or bool(history and history[-1].get("stopped_early"))
 
 
 def unrolled_arch_gradients(
@@ -212,33 +251,54 @@ def unrolled_arch_gradients(
     momentum_buffers: dict[str, torch.Tensor],
     momentum: float,
     norm_pix: bool = False,
-    autocast: Callable[[], AbstractContextManager] = nullcontext,
     fd_radius: float = 0.01,
     reduce: Callable[[Sequence[torch.Tensor]], None] | None = None,
-) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """Second-order DARTS gradient of the A-loss with respect to α.
+) -> list[torch.Tensor]:
+    """Second-order DARTS gradient of the A-loss with respect to α, in full fp32.
 
     ``w' = w - lr * (momentum * buf + ∇w L_W(w, α) + weight_decay * w)`` (the SGD step the
     weights are about to take), then ``∇α L_A(w', α) - lr * H`` where ``H`` is the
     finite-difference Hessian-vector product ``(∇α L_W(w+, α) - ∇α L_W(w-, α)) / 2ε`` with
     ``w± = w ± ε ∇w' L_A(w', α)`` and ``ε = fd_radius / ‖∇w' L_A‖``. Returns the α
-    gradients (in ``arch_names`` order), ``L_A(w', α)`` and the reconstruction at ``w'``.
+    gradients, in ``arch_names`` order.
     ``reduce`` (data parallel) averages the two weight gradients in place over the ranks,
     so ``w'`` and ``w±`` are the same everywhere; the caller averages the result.
+
+    Every pass runs without autocast and with TF32 off (:func:`exact_fp32`): the
+    perturbation ``ε ∇w'`` is about 1e-5 of the weights, far below bf16's resolution (8
+    bits) and TF32's (10 bits), which would leave the Hessian-vector product mostly noise.
     """
+    with exact_fp32(x_a.device):
+        return _unrolled(
+            model, arch_names, x_w, mask_w, x_a, mask_a, lr, weight_decay, momentum_buffers,
+            momentum, norm_pix, fd_radius, reduce,
+        )  # fmt: skip
+
+
+def _unrolled(
+    model: nn.Module,
+    arch_names: Sequence[str],
+    x_w: torch.Tensor,
+    mask_w: torch.Tensor,
+    x_a: torch.Tensor,
+    mask_a: torch.Tensor,
+    lr: float,
+    weight_decay: float,
+    momentum_buffers: dict[str, torch.Tensor],
+    momentum: float,
+    norm_pix: bool,
+    fd_radius: float,
+    reduce: Callable[[Sequence[torch.Tensor]], None] | None,
+) -> list[torch.Tensor]:
     params = dict(model.named_parameters())
     alphas = {n: params[n] for n in arch_names}
     weights = {n: p for n, p in params.items() if n not in alphas}
 
-    def loss_at(
-        w: dict[str, torch.Tensor], x: torch.Tensor, mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        with autocast():
-            pred = functional_call(model, {**w, **alphas}, (x, mask))
-        return masked_mse(pred, x, mask, norm_pix), pred
+    def loss_at(w: dict[str, torch.Tensor], x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return masked_mse(functional_call(model, {**w, **alphas}, (x, mask)), x, mask, norm_pix)
 
     names = list(weights)
-    g_w = list(torch.autograd.grad(loss_at(weights, x_w, mask_w)[0], [weights[n] for n in names]))
+    g_w = list(torch.autograd.grad(loss_at(weights, x_w, mask_w), [weights[n] for n in names]))
     if reduce is not None:
         reduce(g_w)
     unrolled = {}
@@ -249,8 +309,9 @@ def unrolled_arch_gradients(
             if n in momentum_buffers:
                 step = step + momentum * momentum_buffers[n]
             unrolled[n] = (p - lr * step).requires_grad_()
-    loss_a, pred_a = loss_at(unrolled, x_a, mask_a)
-    grads = torch.autograd.grad(loss_a, [*alphas.values(), *unrolled.values()])
+    grads = torch.autograd.grad(
+        loss_at(unrolled, x_a, mask_a), [*alphas.values(), *unrolled.values()]
+    )
     d_alpha, d_w = grads[: len(alphas)], list(grads[len(alphas) :])
     if reduce is not None:
         reduce(d_w)
@@ -258,12 +319,11 @@ def unrolled_arch_gradients(
         eps = fd_radius / torch.cat([g.flatten() for g in d_w]).norm()
         w_plus = {n: weights[n] + eps * d for n, d in zip(names, d_w, strict=True)}
         w_minus = {n: weights[n] - eps * d for n, d in zip(names, d_w, strict=True)}
-    g_plus = torch.autograd.grad(loss_at(w_plus, x_w, mask_w)[0], list(alphas.values()))
-    g_minus = torch.autograd.grad(loss_at(w_minus, x_w, mask_w)[0], list(alphas.values()))
-    result = [
+    g_plus = torch.autograd.grad(loss_at(w_plus, x_w, mask_w), list(alphas.values()))
+    g_minus = torch.autograd.grad(loss_at(w_minus, x_w, mask_w), list(alphas.values()))
+    return [
         da - lr * (gp - gm) / (2 * eps) for da, gp, gm in zip(d_alpha, g_plus, g_minus, strict=True)
     ]
-    return result, loss_a.detach(), pred_a.detach()
 
 
 class SearchLoop:
@@ -292,8 +352,9 @@ class SearchLoop:
             s.decoder, encoder.feature_channels, s.decoder_width, s.decoder_depth
         )
         self.model = MaskedAutoencoder(encoder, decoder).to(self.device)
-        self.arch_names = ["encoder.alphas_normal", "encoder.alphas_reduce"]
+        arch = {id(p) for p in encoder.arch_parameters()}
         named = dict(self.model.named_parameters())
+        self.arch_names = [n for n, p in named.items() if id(p) in arch]
         self.alphas = [named[n] for n in self.arch_names]
         self.weight_names = [n for n in named if n not in self.arch_names]
         self.weights = [named[n] for n in self.weight_names]
@@ -314,6 +375,15 @@ class SearchLoop:
         )  # fmt: skip
         self.epoch = 0
         self.history: list[dict[str, Any]] = []
+        #: the architecture parameters at the end of each epoch (CPU copies): early
+        #: stopping returns those of an earlier epoch
+        self.arch_trace: list[list[torch.Tensor]] = []
+        self._hessian_batch: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def stopped(self) -> bool:
+        """Whether the search ended early (DARTS-ES): it takes no more epochs."""
+        return bool(self.history and self.history[-1].get("stopped_early"))
 
     # --- checkpoint -------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -334,6 +404,7 @@ class SearchLoop:
             "scheduler": self.scheduler.state_dict(),
             "rng": rng,
             "history": json.dumps(self.history),
+            "arch_trace": [[a.clone() for a in epoch] for epoch in self.arch_trace],
         }
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -362,6 +433,8 @@ class SearchLoop:
                 torch.cuda.set_rng_state(rng["cuda"], self.device)
             self.epoch = int(state["epoch"])
             self.history = json.loads(state["history"])
+            # checkpoints from before early stopping have no trace (OPTIONAL_STATE_KEYS)
+            self.arch_trace = [[a.cpu().clone() for a in e] for e in state.get("arch_trace", [])]
         except (KeyError, RuntimeError, ValueError) as err:
             raise CheckpointMismatchError(
                 f"the checkpoint does not fit this search: {err}"
@@ -392,8 +465,12 @@ class SearchLoop:
         """This rank's share of a global batch (the whole batch without data parallel)."""
         return batch[self.rank :: self.world]
 
-    def _loss(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with self.autocast():
+    def _loss(
+        self, x: torch.Tensor, mask: torch.Tensor, autocast: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The masked loss and the reconstruction; under ``search.precision``'s autocast,
+        or as the model's dtype computes it (``autocast=False``)."""
+        with self.autocast() if autocast else nullcontext():
             pred = self.model(x, mask)
         return masked_mse(pred, x, mask, self.cfg.search.norm_pix_loss), pred
 
@@ -401,7 +478,8 @@ class SearchLoop:
         self, x_a: torch.Tensor, mask_a: torch.Tensor, x_w: torch.Tensor, mask_w: torch.Tensor
     ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
         """The gradient of the A-loss with respect to α (first or second order, averaged
-        over the ranks), the A-loss and the A-reconstruction; changes nothing."""
+        over the ranks; in full fp32), the A-loss at the current weights and the
+        A-reconstruction; changes nothing."""
         s = self.cfg.search
         if s.unrolled:
             buffers = {
@@ -409,16 +487,19 @@ class SearchLoop:
                 for n, p in zip(self.weight_names, self.weights, strict=True)
                 if "momentum_buffer" in self.w_opt.state.get(p, {})
             }
-            grads, loss, pred = unrolled_arch_gradients(
+            grads = unrolled_arch_gradients(
                 self.model, self.arch_names, x_w, mask_w, x_a, mask_a,
                 lr=self.scheduler.get_last_lr()[0], weight_decay=s.weight_decay,
                 momentum_buffers=buffers, momentum=s.momentum,
-                norm_pix=s.norm_pix_loss, autocast=self.autocast, reduce=average_over_ranks,
+                norm_pix=s.norm_pix_loss, reduce=average_over_ranks,
             )  # fmt: skip
-        else:
-            with frozen(self.weights):  # no weight-gradient work in the backward
+            with torch.no_grad():  # the A-loss reported is that at w, not at the virtual w'
                 loss, pred = self._loss(x_a, mask_a)
-            grads = list(torch.autograd.grad(loss, self.alphas))
+        else:
+            # no weight-gradient work in the backward; fp32 throughout (docs/performance.md)
+            with frozen(self.weights), exact_fp32(self.device):
+                loss, pred = self._loss(x_a, mask_a, autocast=False)
+                grads = list(torch.autograd.grad(loss, self.alphas))
         average_over_ranks(grads)
         return grads, loss.detach(), pred.detach()
 
@@ -474,6 +555,7 @@ class SearchLoop:
         for step, x_w, x_a in zip(range(steps), self.data.w, self.data.a, strict=False):
             loss_w, loss_a, pred_a, mask_a = self.iteration(x_w, x_a)
             with torch.no_grad():
+                pred_a = self.in_image_space(pred_a, x_a, mask_a)
                 psnr = masked_psnr(pred_a, x_a, mask_a, self.data.mean, self.data.std)
                 sums += torch.stack([loss_w, loss_a, psnr])
                 finite = torch.isfinite(loss_w) & torch.isfinite(loss_a)
@@ -491,30 +573,92 @@ class SearchLoop:
             )
         self.scheduler.step()
         self.epoch += 1
-        eval_loss, eval_psnr = self.evaluate()
-        normal, reduce = (a.detach() for a in self.alphas)
-        genotype = self.model.encoder.genotype()
-        metrics = {
+        metrics: dict[str, Any] = {
             "epoch": self.epoch,
             "train_loss": means[0],
             "val_loss": means[1],
             "val_psnr": means[2],
-            "eval_loss": eval_loss,
-            "eval_psnr": eval_psnr,
-            "skip_count": genotype.count("skip_connect"),
-            "alpha_entropy_normal": alpha_entropy(normal),
-            "alpha_entropy_reduce": alpha_entropy(reduce),
             "lr": lr,
             "steps": steps,
             "images_per_sec": 2 * steps * s.batch_size / elapsed,
             "epoch_time": elapsed,
-            "genotype": genotype.to_json(),
         }
-        metrics["alpha_entropy"] = (
-            metrics["alpha_entropy_normal"] + metrics["alpha_entropy_reduce"]
-        ) / 2
+        if s.hessian_every and self.epoch % s.hessian_every == 0:
+            start = time.perf_counter()
+            metrics["hessian_eigenvalue"] = self.hessian_eigenvalue()
+            metrics["hessian_time"] = time.perf_counter() - start
+        self.arch_trace.append([a.detach().cpu().clone() for a in self.alphas])
+        if s.early_stop:
+            self._early_stop(metrics)
+        # what follows describes the architecture the search returns so far
+        eval_loss, eval_psnr = self.evaluate()
+        normal, reduce = (a.detach() for a in self.alphas[:2])
+        genotype = self.model.encoder.genotype()
+        entropy = alpha_entropy(normal), alpha_entropy(reduce)
+        metrics.update(
+            eval_loss=eval_loss,
+            eval_psnr=eval_psnr,
+            skip_count=genotype.count("skip_connect"),
+            alpha_entropy_normal=entropy[0],
+            alpha_entropy_reduce=entropy[1],
+            alpha_entropy=sum(entropy) / 2,
+            genotype=genotype.to_json(),
+        )
         self.history.append(metrics)
         return metrics
+
+    def _early_stop(self, metrics: dict[str, Any]) -> None:
+        """DARTS-ES: when the eigenvalue grew too fast, go back to the architecture of
+        ``early_stop_window`` epochs ago and mark the search stopped (in ``metrics``)."""
+        s = self.cfg.search
+        measured = [
+            (m["epoch"], m["hessian_eigenvalue"])
+            for m in [*self.history, metrics]
+            if "hessian_eigenvalue" in m
+        ]
+        stop = collapse_stop(measured, self.epoch, s.early_stop_window, s.early_stop_ratio)
+        if stop is None:
+            return
+        kept, reason = stop
+        with torch.no_grad():
+            for a, saved in zip(self.alphas, self.arch_trace[kept - 1], strict=True):
+                a.copy_(saved)
+        metrics.update(stopped_early=True, kept_epoch=kept, stop_reason=reason)
+
+    def hessian_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's share of the eigenvalue's batch: the first ``search.batch_size``
+        A-split images (not augmented) with masks drawn from a fixed seed, the same in
+        every epoch, so the eigenvalues of a search compare."""
+        if self._hessian_batch is None:
+            s = self.cfg.search
+            images = self.data.a.head(s.batch_size)
+            masks = self._mask(images.shape[0], generator=torch.Generator().manual_seed(s.seed + 4))
+            self._hessian_batch = self._shard(images), self._shard(masks)
+        return self._hessian_batch
+
+    def hessian_eigenvalue(self) -> float:
+        """The dominant eigenvalue of the Hessian of the A-split loss with respect to the
+        architecture parameters, on :meth:`hessian_batch` (RobustDARTS), in full fp32."""
+        s = self.cfg.search
+        x, mask = self.hessian_batch()
+        with frozen(self.weights):
+            return dominant_eigenvalue(
+                lambda: self._loss(x, mask, autocast=False)[0],
+                self.alphas,
+                s.hessian_iters,
+                generator=torch.Generator().manual_seed(s.seed + 5),
+                reduce=average_over_ranks if self.world > 1 else None,
+            )
+
+    def in_image_space(
+        self, pred: torch.Tensor, x: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """The reconstruction as a (normalised) image: with ``norm_pix_loss`` the model
+        predicts each patch normalised by its own mean and deviation, which the target
+        patch's statistics undo (as MAE's visualisation does); otherwise ``pred`` itself."""
+        if not self.cfg.search.norm_pix_loss:
+            return pred
+        return unnormalize_patches(pred, x, patch_size_of(mask, *x.shape[-2:]))
 
     def eval_masks(self) -> torch.Tensor:
         """The fixed evaluation masks: the same every epoch and in every run with this config."""
@@ -539,7 +683,9 @@ class SearchLoop:
             x, m = images[i : i + bs], masks[i : i + bs]
             loss, pred = self._loss(x, m)
             total_loss += loss
-            total_psnr += masked_psnr(pred, x, m, self.data.mean, self.data.std)
+            total_psnr += masked_psnr(
+                self.in_image_space(pred, x, m), x, m, self.data.mean, self.data.std
+            )
             chunks += 1
         return float(total_loss / chunks), float(total_psnr / chunks)
 
@@ -553,7 +699,7 @@ class SearchLoop:
         x = self.data.eval_images[:8]
         mask = self.eval_masks()[:8]
         with self.autocast():
-            pred = self.model(x, mask)
+            pred = self.in_image_space(self.model(x, mask), x, mask)
         patch = self.cfg.search.eval_patch_size or self.cfg.search.patch_size
         mean, std = self.data.mean.tolist(), self.data.std.tolist()
         viz.save_reconstruction_grid(
@@ -591,9 +737,11 @@ def run_search(
     """Run one MAE-DARTS search to ``config.search.epochs``.
 
     ``callbacks`` get an :class:`EpochReport` after each epoch (metrics, genotype and a
-    ``save_checkpoint(dir)`` hook). ``resume_from`` (a checkpoint file or directory, or a
-    loaded state) continues a search. With ``out_dir`` the final ``genotype.json`` and
-    the pictures (reconstruction grid, α heatmaps, cell drawings) are written there.
+    ``save_checkpoint(dir)`` hook). With ``search.early_stop`` the search may end before
+    the last epoch (its last metrics say ``stopped_early``). ``resume_from`` (a checkpoint
+    file or directory, or a loaded state) continues a search. With ``out_dir`` the final
+    ``genotype.json`` and the pictures (reconstruction grid, α heatmaps, cell drawings) are
+    written there.
     ``dataset`` replaces the configured dataset (tests).
     """
     if callbacks is None:
@@ -611,7 +759,7 @@ def run_search(
     # keep using the tensors they are restored from
     snapshot = _cpu_copy(search.state()) if retries else None
     scale = 1.0  # of the learning rates, since the snapshot
-    while search.epoch < epochs:
+    while search.epoch < epochs and not search.stopped:
         try:
             metrics = search.run_epoch()
             if not all(math.isfinite(v) for v in metrics.values() if isinstance(v, float)):

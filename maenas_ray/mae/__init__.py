@@ -11,6 +11,7 @@ from maenas_ray.mae.masking import (
     patch_size_of,
     patchify,
     random_patch_mask,
+    unnormalize_patches,
     unpatchify,
 )
 from maenas_ray.mae.model import MaskedAutoencoder
@@ -30,5 +31,6 @@ __all__ = [
     "patch_size_of",
     "patchify",
     "random_patch_mask",
+    "unnormalize_patches",
     "unpatchify",
 ]

@@ -1,4 +1,5 @@
-"""Decoders that reconstruct the image from the supernet's multi-scale features (DESIGN §1.3)."""
+"""Decoders that reconstruct the image from the supernet's multi-scale features
+(docs/method.md §1.3)."""
 
 from __future__ import annotations
 

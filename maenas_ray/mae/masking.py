@@ -1,4 +1,5 @@
-"""Masking and the masked reconstruction loss: small pure functions of tensors (DESIGN §1.1).
+"""Masking and the masked reconstruction loss: small pure functions of tensors
+(docs/method.md §1.1).
 
 A mask is a boolean tensor of shape ``(batch, N)`` over the ``N = (H/p)(W/p)``
 non-overlapping ``p x p`` patches in row-major order; ``True`` = masked.
@@ -114,6 +115,17 @@ def masked_mse(
     return (per_patch * weights).sum() / weights.sum()
 
 
+def unnormalize_patches(pred: torch.Tensor, target: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Undo ``norm_pix_loss`` on a prediction: each patch of ``pred`` (in per-patch
+    normalised units) scaled by the deviation and shifted by the mean of the same patch of
+    ``target``, as :func:`masked_mse` normalises it; ``(B, C, H, W)`` in, the same out."""
+    t = patchify(target.float(), patch_size)
+    mean = t.mean(dim=-1, keepdim=True)
+    scale = (t.var(dim=-1, keepdim=True) + 1e-6).sqrt()
+    p = patchify(pred.float(), patch_size) * scale + mean
+    return unpatchify(p, patch_size, pred.shape[-2], pred.shape[-1])
+
+
 def masked_psnr(
     pred: torch.Tensor,
     target: torch.Tensor,
@@ -121,7 +133,10 @@ def masked_psnr(
     mean: torch.Tensor,
     std: torch.Tensor,
 ) -> torch.Tensor:
-    """PSNR (dB) of the masked region in [0, 1] pixel space; ``mean``/``std`` per channel."""
+    """PSNR (dB) of the masked region in [0, 1] pixel space; ``mean``/``std`` per channel.
+
+    ``pred`` is an image in normalised space: under ``norm_pix_loss`` pass it through
+    :func:`unnormalize_patches` first."""
     shape = (1, -1, 1, 1)
     m, s = mean.to(pred.device).view(shape), std.to(pred.device).view(shape)
     p = (pred.float() * s + m).clamp(0.0, 1.0)

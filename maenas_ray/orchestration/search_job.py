@@ -36,6 +36,7 @@ from maenas_ray.engines import (
     load_search_state,
     run_search,
     save_search_state,
+    search_finished,
 )
 from maenas_ray.orchestration.train_jobs import (
     ForwardReports,
@@ -100,7 +101,7 @@ def search_stage(
     remove_stale_scratch()
     with scratch("artifacts") as out:
         result = run_search(cfg, reporter, resume_from=state, out_dir=out if rank == 0 else None)
-        if state is not None and state["epoch"] >= cfg.search.epochs:
+        if state is not None and search_finished(state, cfg.search.epochs):
             # the search had finished before the restart: report its result once more
             reporter.final(result.metrics, lambda d: save_search_state(state, d), state["epoch"])
         if rank == 0:

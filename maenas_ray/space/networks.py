@@ -14,7 +14,7 @@ from maenas_ray.space.supernet import make_stem
 
 @dataclass(frozen=True)
 class NetworkStyle:
-    """One evaluation protocol's network shape (DESIGN §1.6)."""
+    """One evaluation protocol's network shape (docs/method.md §1.6)."""
 
     stem: str
     channels: int
