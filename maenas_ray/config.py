@@ -7,6 +7,7 @@ Defaults live here and nowhere else.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import itertools
 import math
 import re
@@ -26,6 +27,18 @@ class ConfigError(ValueError):
 
 def _fail(key: str, value: Any, allowed: str) -> typing.NoReturn:
     raise ConfigError(f"{key} = {value!r}: {allowed}")
+
+
+def suggest(value: Any, names: Iterable[Any]) -> str:
+    """``"; did you mean 'mask_ratio'?"`` when ``value`` is close to one of ``names``."""
+    names = [str(n) for n in names]
+    close = difflib.get_close_matches(str(value), names, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _not_one_of(key: str, value: Any, names: Iterable[Any]) -> typing.NoReturn:
+    names = list(names)
+    _fail(key, value, f"allowed: {', '.join(map(str, names))}{suggest(value, names)}")
 
 
 @dataclass
@@ -60,7 +73,7 @@ class DataConfig:
         from maenas_ray.data import DATASETS
 
         if self.dataset not in DATASETS:
-            _fail("data.dataset", self.dataset, f"allowed: {', '.join(DATASETS)}")
+            _not_one_of("data.dataset", self.dataset, DATASETS)
         _positive("data.image_size", self.image_size)
         _positive("data.num_images", self.num_images)
         if self.num_classes < 2:
@@ -136,9 +149,10 @@ class SearchConfig:
     eval_patch_size: int | None = None
     # runtime
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    #: the weight step and the evaluation: auto = bf16 autocast on CUDA, fp32 on CPU. The
-    #: α gradient (first and second order) and the Hessian eigenvalue always run in full
-    #: fp32 (docs/performance.md: the bf16 error of the α gradient)
+    #: the weight step, the first-order α gradient and the evaluation: auto = bf16
+    #: autocast on CUDA, fp32 on CPU. The second-order α gradient and the Hessian
+    #: eigenvalue always run in full fp32 with TF32 off (docs/performance.md: bf16 and the
+    #: α gradient)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     seed: int = 0
 
@@ -156,7 +170,7 @@ class SearchConfig:
         if self.eval_patch_size is not None:
             _positive("search.eval_patch_size", self.eval_patch_size)
         if self.decoder not in DECODERS:
-            _fail("search.decoder", self.decoder, f"allowed: {', '.join(DECODERS)}")
+            _not_one_of("search.decoder", self.decoder, DECODERS)
         _positive("search.decoder_width", self.decoder_width)
         if self.decoder_depth < 1:
             _fail("search.decoder_depth", self.decoder_depth, "must be >= 1")
@@ -381,14 +395,24 @@ class ObjectiveSection:
     #: retrain section's proxy_* keys); eval_loss: the label-free masked reconstruction
     #: loss with fixed reference masks
     metric: str = "proxy_top1"
-    #: null = the metric's natural direction (min for losses, max for PSNR)
+    #: null = the metric's natural direction (min for losses, max for PSNR and accuracy);
+    #: given, it must agree with it (a loss is never maximised)
     mode: Literal["min", "max"] | None = None
 
     def check(self) -> None:
         from maenas_ray.engines import OBJECTIVES
 
         if self.metric not in OBJECTIVES:
-            _fail("objective.metric", self.metric, f"allowed: {', '.join(OBJECTIVES)}")
+            _not_one_of("objective.metric", self.metric, OBJECTIVES)
+        natural = OBJECTIVES[self.metric]
+        if self.mode is not None and self.mode != natural:
+            _fail(
+                "objective.mode",
+                self.mode,
+                f"objective.metric = {self.metric!r} is optimised with mode {natural!r}; "
+                "drop objective.mode (it follows the metric) or set it to "
+                f"{natural!r}",
+            )
 
     def resolved_mode(self) -> str:
         from maenas_ray.engines import OBJECTIVES
@@ -486,7 +510,9 @@ class Config:
             where = f"space.{key}"
             if key not in hints:
                 names = ", ".join(f.name for f in dataclasses.fields(SearchConfig))
-                raise ConfigError(f"{where}: not a search key; tunable keys: {names}")
+                raise ConfigError(
+                    f"{where}: not a search key; tunable keys: {names}{suggest(key, hints)}"
+                )
             tp = hints[key]
             if spec.choice is not None:
                 if spec.low is not None or spec.high is not None:
@@ -585,6 +611,7 @@ class Config:
 
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def numeric_type(tp: Any) -> type | None:
@@ -654,6 +681,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if origin is Literal:
         if value in typing.get_args(tp):
             return value
+        choices = typing.get_args(tp)
+        _fail(key, value, f"expected {_type_name(tp)}{suggest(value, choices)}")
     elif origin is tuple:
         args = typing.get_args(tp)
         if isinstance(value, (list, tuple)) and len(value) == len(args):
@@ -668,7 +697,11 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                _fail(key, value, "expected a finite number")
             return float(value)
     elif tp is str:
         if isinstance(value, str):
@@ -688,7 +721,10 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     for key in data:
         if key not in names:
             full = f"{prefix}.{key}" if prefix else str(key)
-            raise ConfigError(f"unknown key {full!r}; allowed keys here: {', '.join(names)}")
+            raise ConfigError(
+                f"unknown key {full!r}; allowed keys here: {', '.join(names)}"
+                f"{suggest(key, names)}"
+            )
     kwargs = {
         name: _coerce(hints[name], data[name], f"{prefix}.{name}" if prefix else name)
         for name in names

@@ -115,9 +115,13 @@ def leaderboard(exp: Experiment, metric: str | None = None, mode: str | None = N
 
 
 def leaderboard_notes(exp: Experiment) -> list[str]:
-    """What a reader of the leaderboard must know: trials whose α ended close to uniform
-    (their genotypes carry little information) and trials stopped early on collapse."""
-    notes = []
+    """What a reader of the leaderboard must know: how the label-free score ranks the trials
+    against accuracy (Kendall τ / Spearman ρ; against the full retrains too, where the sweep
+    has any), trials whose α ended close to uniform (their genotypes carry little
+    information) and trials stopped early on collapse."""
+    notes = [exp.correlation("proxy_top1").line()]
+    if exp.retrains():
+        notes.append(exp.correlation("retrain_top1").line())
     flat = [t for t in exp.trials() if uniform_alpha_warning(t.metrics.get("alpha_entropy"))]
     if flat:
         entropies = ", ".join(f"{t.trial_id} {t.metrics['alpha_entropy']:.3f}" for t in flat)

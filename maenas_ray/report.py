@@ -3,8 +3,10 @@
 Reads a sweep experiment (local, NFS, ``s3://``, ``gs://``; no Ray cluster needed, a
 running sweep is fine) and writes PNG figures and one ``index.html`` that shows them:
 
-- the leaderboard (every trial, its tuned values, objective, skip count, status);
+- the leaderboard (every trial, its tuned values, objective, skip count, status), with
+  Kendall τ / Spearman ρ between the label-free score and accuracy under it;
 - the objective against each tuned parameter;
+- the label-free score against the proxy accuracy, one point per trial, by decoder;
 - Optuna's parameter importances and the optimisation history, from the sweep's study
   (``optuna.journal`` or ``tune.study_storage``; rebuilt from the trials' results when the
   study lived in memory only);
@@ -36,9 +38,17 @@ from matplotlib.ticker import MaxNLocator
 from maenas_ray.config import SearchConfig, numeric_type
 from maenas_ray.engines.search import UNIFORM_ENTROPY
 from maenas_ray.genotypes import leaderboard_notes, leaderboard_rows
-from maenas_ray.results import Experiment, ExperimentError, Trial, load_experiment
+from maenas_ray.results import (
+    LABEL_FREE_SCORE,
+    Experiment,
+    ExperimentError,
+    Trial,
+    load_experiment,
+)
 from maenas_ray.viz import new_figure, save_figure
 
+#: below this many completed trials, parameter importances carry a caveat
+FEW_TRIALS = 10
 #: the trial pictures shown for the best genotypes (written by each trial's search)
 BEST_PICTURES = ("cells.png", "reconstruction.png")
 INDEX = "index.html"
@@ -187,6 +197,11 @@ def _study_sections(exp: Experiment, metric: str, mode: str, out: Path) -> list[
         if not scores:
             importance.notes.append("not computed: the tuned values do not vary yet")
             return [history, importance]
+        if len(done) < FEW_TRIALS:
+            importance.notes.append(
+                f"caveat: from {len(done)} trials; importances need about {FEW_TRIALS} or "
+                "more to mean much, so read these as a hint"
+            )
         names = [k.removeprefix("search/") for k in scores][::-1]
         fig = new_figure((6.4, 0.6 + 0.5 * len(names)))
         ax = fig.add_subplot()
@@ -227,6 +242,46 @@ def _collapse(exp: Experiment, out: Path) -> Section:
     save_figure(fig, out / "skips_vs_mask_ratio.png")
     sec.figures.append("skips_vs_mask_ratio.png")
     sec.notes.append("points: trials (last reported epoch); lines: the mean per mask ratio")
+    return sec
+
+
+def _score_vs_accuracy(exp: Experiment, out: Path) -> Section:
+    sec = Section("The label-free score against accuracy")
+    accuracies = ["proxy_top1"] + (["retrain_top1"] if exp.retrains() else [])
+    correlations = [exp.correlation(a) for a in accuracies]
+    sec.notes.extend(c.line() for c in correlations)
+    retrained = exp.retrains()
+    points: dict[str, list[tuple[float, float, str]]] = {}
+    for t in exp.trials():
+        score = t.score(LABEL_FREE_SCORE)
+        acc = t.score("proxy_top1")
+        if t.status != "done" or score is None or acc is None:
+            continue
+        decoder = str(_tuned(t, "decoder", exp))
+        points.setdefault(decoder, []).append((score, acc, t.trial_id))
+    if not points:
+        sec.notes.insert(0, "no finished trial has both eval_loss and proxy_top1")
+        return sec
+    fig = new_figure((6.4, 4.2))
+    ax = fig.add_subplot()
+    for (decoder, pts), marker in zip(sorted(points.items()), "osD^v", strict=False):
+        xs, ys, _ = zip(*pts, strict=True)
+        ax.scatter(xs, ys, marker=marker, s=44, alpha=0.8, label=decoder, zorder=2)
+        for x, y, tid in pts:
+            ax.annotate(tid, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    for tid, metrics in retrained.items():
+        trial = next((t for t in exp.trials() if t.trial_id == tid), None)
+        top1, score = metrics.get("top1"), trial.score(LABEL_FREE_SCORE) if trial else None
+        if isinstance(top1, (int, float)) and score is not None:
+            ax.scatter(score, top1, marker="*", s=120, color="black", zorder=3)
+    ax.set_xlabel(f"{LABEL_FREE_SCORE} (label-free, held-out images; lower is better)")
+    ax.set_ylabel("proxy_top1 (held-out; black stars: full retrain top-1)")
+    ax.grid(alpha=0.3)
+    ax.legend(title="decoder")
+    ax.set_title(correlations[0].line().split(";")[0], fontsize=8)
+    save_figure(fig, out / "score_vs_accuracy.png")
+    sec.figures.append("score_vs_accuracy.png")
+    sec.notes.insert(0, "one point per finished trial, labelled by its trial id")
     return sec
 
 
@@ -359,6 +414,7 @@ def write_report(exp: Experiment, out: str | os.PathLike, top: int = 3) -> Path:
     best = ranked[0][2] if ranked else None
     sections = [
         _objective_vs_params(exp, metric, best, target),
+        _score_vs_accuracy(exp, target),
         *_study_sections(exp, metric, mode, target),
         _collapse(exp, target),
         _collapse_over_time(exp, target),

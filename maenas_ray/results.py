@@ -30,6 +30,41 @@ if TYPE_CHECKING:
 CONFIG_FILE = "sweep_config.yaml"
 #: the Optuna study of a sweep on local or NFS storage (study name = experiment name)
 STUDY_JOURNAL = "optuna.journal"
+#: full retrains of a sweep's genotypes (``retrain --experiment``): ``<trial id>.json`` each,
+#: the final metrics of that trial's genotype retrained
+RETRAINS_DIR = "retrains"
+#: the label-free score that the correlation ranks by (lower is better)
+LABEL_FREE_SCORE = "eval_loss"
+
+
+@dataclass
+class Correlation:
+    """How the label-free score ranks a sweep's trials against an accuracy: Kendall τ and
+    Spearman ρ between −eval_loss and the accuracy over the finished trials that have both.
+
+    ``tau`` and the rest are None when there is no number; ``reason`` then says why."""
+
+    accuracy: str  # proxy_top1, or retrain_top1 (full retrains)
+    n: int  # trials in the correlation
+    tau: float | None = None
+    tau_p: float | None = None
+    rho: float | None = None
+    rho_p: float | None = None
+    left_out: dict[str, int] = field(default_factory=dict)  # why trials are not counted
+    reason: str | None = None
+
+    def line(self) -> str:
+        """One line for the leaderboard, e.g. ``Kendall τ(−eval_loss, proxy_top1) = 0.333
+        (Spearman ρ = 0.400, p = 0.75, n = 4 trials)``."""
+        what = f"τ(−{LABEL_FREE_SCORE}, {self.accuracy})"
+        skipped = ", ".join(f"{n} {why}" for why, n in self.left_out.items() if n)
+        tail = f"; left out: {skipped}" if skipped else ""
+        if self.tau is None:
+            return f"Kendall {what}: no number ({self.reason}){tail}"
+        return (
+            f"Kendall {what} = {self.tau:.3f} (Spearman ρ = {self.rho:.3f}, p = {self.tau_p:.2g}, "
+            f"n = {self.n} trials){tail}"
+        )
 
 
 class ExperimentError(ValueError):
@@ -133,6 +168,74 @@ class Experiment:
                 "(--mode)"
             )
         return metric, mode
+
+    def retrains(self) -> dict[str, dict[str, Any]]:
+        """The final metrics of the full retrains of this sweep's genotypes
+        (``python -m maenas_ray.retrain --experiment ... --top K``), by trial id."""
+        selector = pyarrow.fs.FileSelector(f"{self.path}/{RETRAINS_DIR}", allow_not_found=True)
+        found = {}
+        for info in self.fs.get_file_info(selector):
+            if info.type == pyarrow.fs.FileType.File and info.base_name.endswith(".json"):
+                try:
+                    found[info.base_name.removesuffix(".json")] = json.loads(
+                        _read(self.fs, info.path) or ""
+                    )
+                except json.JSONDecodeError:
+                    continue  # cut short while written: not a result
+        return found
+
+    def correlation(self, accuracy: str = "proxy_top1", minimum: int = 3) -> Correlation:
+        """Kendall τ and Spearman ρ (with p-values, scipy) between −eval_loss and
+        ``accuracy`` over the finished trials that report both: ``proxy_top1`` (the proxy
+        objective reports both), or ``retrain_top1``, the final top-1 of the full retrains
+        of the trials' genotypes. Errored, unfinished and unscored trials are left out and
+        counted; with fewer than ``minimum`` trials there is no number, and the result says
+        why."""
+        from scipy import stats
+
+        retrained = self.retrains() if accuracy == "retrain_top1" else {}
+        left_out = {"errored": 0, "unfinished": 0, f"without {accuracy}": 0}
+        pairs = []
+        for t in self._trials:
+            if t.status != "done":
+                left_out["errored" if t.status == "error" else "unfinished"] += 1
+                continue
+            score = t.score(LABEL_FREE_SCORE)
+            if accuracy == "retrain_top1":
+                value = retrained.get(t.trial_id, {}).get("top1")
+                acc = float(value) if isinstance(value, (int, float)) else None
+            else:
+                acc = t.score(accuracy)
+            if score is None or acc is None or not math.isfinite(acc):
+                left_out[f"without {accuracy}"] += 1
+                continue
+            pairs.append((-score, acc))
+        result = Correlation(accuracy, len(pairs), left_out=left_out)
+        if len(pairs) < minimum:
+            result.reason = (
+                f"{len(pairs)} finished trial(s) with both {LABEL_FREE_SCORE} and {accuracy}; "
+                f"a rank correlation needs at least {minimum}"
+            )
+            if (
+                not pairs
+                and accuracy == "proxy_top1"
+                and not self.config.objective.metric.startswith("proxy_")
+            ):
+                result.reason = (
+                    f"the sweep's objective is {self.config.objective.metric}: its trials run "
+                    "no proxy retrain, so there is no accuracy (use objective.metric: proxy_top1, "
+                    "or retrain the best genotypes with python -m maenas_ray.retrain --experiment)"
+                )
+            return result
+        xs, ys = zip(*pairs, strict=True)
+        if len(set(xs)) < 2 or len(set(ys)) < 2:
+            result.reason = "every trial has the same score or the same accuracy"
+            return result
+        tau = stats.kendalltau(xs, ys)
+        rho = stats.spearmanr(xs, ys)
+        result.tau, result.tau_p = float(tau.statistic), float(tau.pvalue)
+        result.rho, result.rho_p = float(rho.statistic), float(rho.pvalue)
+        return result
 
     def best(
         self, k: int = 1, metric: str | None = None, mode: str | None = None

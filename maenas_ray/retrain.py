@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from maenas_ray.cli import (
     STORAGE_ENV,
@@ -24,7 +27,11 @@ from maenas_ray.cli import (
     connect_ray,
 )
 from maenas_ray.config import Config, ConfigError, load_config
+from maenas_ray.results import RETRAINS_DIR
 from maenas_ray.space import PUBLISHED, Genotype
+
+if TYPE_CHECKING:
+    from maenas_ray.results import Experiment
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -64,8 +71,19 @@ def read_genotype(spec: str) -> tuple[str, Genotype]:
         raise UsageError(f"--genotype {spec!r}: {err}") from None
 
 
-def top_genotypes(experiment: str, k: int) -> tuple[Config, list[tuple[str, Genotype]]]:
-    """The sweep's config and its ``k`` best genotypes (by its objective), labelled."""
+@dataclass
+class Job:
+    """One genotype to retrain: its label (the run name's stem) and, for the genotypes of
+    a sweep, the sweep and trial it came from (its result is recorded there)."""
+
+    label: str
+    genotype: Genotype
+    experiment: Experiment | None = None
+    trial_id: str | None = None
+
+
+def top_genotypes(experiment: str, k: int) -> tuple[Config, list[Job]]:
+    """The sweep's config and its ``k`` best genotypes (by its objective)."""
     from maenas_ray.results import ExperimentError, load_experiment
 
     try:
@@ -73,8 +91,26 @@ def top_genotypes(experiment: str, k: int) -> tuple[Config, list[tuple[str, Geno
         best = exp.best(k)
     except ExperimentError as err:
         raise UsageError(f"--experiment {experiment!r}: {err}") from None
-    labels = [f"{exp.name}-top{i}-{t.trial_id}" for i, (_, _, t) in enumerate(best, 1)]
-    return exp.config, [(label, g) for label, (g, _, _) in zip(labels, best, strict=True)]
+    return exp.config, [
+        Job(f"{exp.name}-top{i}-{t.trial_id}", g, exp, t.trial_id)
+        for i, (g, _, t) in enumerate(best, 1)
+    ]
+
+
+def record_retrain(job: Job, metrics: dict[str, Any]) -> None:
+    """Write a sweep genotype's final retrain metrics into its experiment
+    (``retrains/<trial id>.json``), where the sweep's score-accuracy correlation reads them;
+    written to a temporary name, then moved, so a cut write never leaves a result."""
+    if job.experiment is None or job.trial_id is None:
+        return
+    exp = job.experiment
+    folder = f"{exp.path}/{RETRAINS_DIR}"
+    exp.fs.create_dir(folder, recursive=True)
+    final = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}
+    tmp = f"{folder}/.{job.trial_id}.json.tmp"
+    with exp.fs.open_output_stream(tmp) as f:
+        f.write((json.dumps({**final, "genotype": job.genotype.to_json()}) + "\n").encode())
+    exp.fs.move(tmp, f"{folder}/{job.trial_id}.json")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                 cfg = config_from_dict(apply_overrides(sweep_cfg.to_dict(), overrides))
         else:
             cfg = load_config(args.config, overrides)
-            jobs = [read_genotype(args.genotype)]
+            jobs = [Job(*read_genotype(args.genotype))]
         if args.name and len(jobs) > 1:
             raise UsageError("--name names one run; leave it out with --top > 1")
         if args.name and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", args.name):
@@ -112,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     return _run(args, cfg, storage, jobs)
 
 
-def _run(args: argparse.Namespace, cfg: Config, storage, jobs: list[tuple[str, Genotype]]) -> int:
+def _run(args: argparse.Namespace, cfg: Config, storage, jobs: list[Job]) -> int:
     import ray
 
     from maenas_ray.orchestration.experiment import StorageError, check_shared_storage
@@ -127,7 +163,8 @@ def _run(args: argparse.Namespace, cfg: Config, storage, jobs: list[tuple[str, G
         except StorageError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-        for label, genotype in jobs:
+        for job in jobs:
+            label, genotype = job.label, job.genotype
             name = args.name or f"retrain-{label}-{genotype_id(genotype)}"
             run = storage.experiment(name)
             print(f"retraining {label} -> {run.uri}\n  {genotype!r}", flush=True)
@@ -141,6 +178,7 @@ def _run(args: argparse.Namespace, cfg: Config, storage, jobs: list[tuple[str, G
                 failed += 1
                 continue
             m = result.metrics or {}
+            record_retrain(job, m)
             print(
                 f"{label}: {m.get('parameters', 0):,} parameters, "
                 f"{m.get('macs', 0) / 1e6:.1f}M multiply-adds, epoch {m.get('epoch')}: "

@@ -40,6 +40,18 @@ CASES = [
     ("sweep", ["--set", "search.mask_rate=0.5"],
      r"unknown key 'search.mask_rate'; allowed keys here: channels, .*mask_ratio"),
     ("sweep", ["--set", "tune.num_samples=0"], r"tune.num_samples = 0: must be a positive"),
+    ("sweep", ["--set", "search.lr=.inf"], r"search.lr = inf: expected a finite number"),
+    ("sweep", ["--set", "search.arch_lr=.nan"], r"search.arch_lr = nan: expected a finite"),
+    ("sweep", ["--set", "search.mask_rato=0.5"],
+     r"unknown key 'search.mask_rato'; allowed keys here: .*; did you mean 'mask_ratio'\?"),
+    ("search", ["--out", "{tmp}/run", "--set", "search.decoder=hierarchcal"],
+     r"search.decoder = 'hierarchcal': allowed: hierarchical, plain; did you mean "
+     r"'hierarchical'\?"),
+    ("search", ["--out", "{tmp}/run", "--set", "search.precision=bf61"],
+     r"search.precision = 'bf61': expected one of 'auto', 'fp32', 'bf16'; did you mean 'bf16'"),
+    ("sweep", ["--set", "objective.metric=eval_loss", "--set", "objective.mode=max"],
+     r"objective.mode = 'max': objective.metric = 'eval_loss' is optimised with mode 'min'; "
+     r"drop objective.mode \(it follows the metric\) or set it to 'min'"),
     ("sweep", ["--set", "objective.metric=accuracy"],
      r"objective.metric = 'accuracy': allowed: eval_loss, .*proxy_top1"),
     ("sweep", ["--set", "space.mask_ratio.high=1.5"],

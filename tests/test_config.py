@@ -80,3 +80,25 @@ def test_missing_and_malformed_files(tmp_path):
 def test_config_is_a_typed_tree():
     cfg = Config()
     assert cfg.to_dict()["search"]["arch_betas"] == [0.5, 0.999]
+
+
+def test_the_objective_direction_follows_its_metric():
+    from maenas_ray.sweep import QUICKSTART
+
+    quick = load_config(QUICKSTART, sweep=True)
+    assert quick.objective.resolved_mode() == "max"  # proxy_top1
+    loss = load_config(QUICKSTART, ["objective.metric=eval_loss"], sweep=True)
+    assert loss.objective.resolved_mode() == "min"  # not the quickstart's accuracy direction
+    assert load_config(None, ["objective.metric=eval_psnr"]).objective.resolved_mode() == "max"
+    agreeing = load_config(None, ["objective.metric=eval_loss", "objective.mode=min"])
+    assert agreeing.objective.resolved_mode() == "min"
+    with pytest.raises(ConfigError, match=r"objective.mode = 'max': objective.metric = "):
+        load_config(None, ["objective.metric=val_loss", "objective.mode=max"])
+
+
+def test_exponent_floats_without_a_dot_are_numbers():
+    # YAML 1.1 reads 1e-3 as a string; a float key takes it as the number it means
+    cfg = load_config(None, ["search.lr=1e-3", "search.arch_lr=5E-4", "search.lr_min=0"])
+    assert cfg.search.lr == 0.001 and cfg.search.arch_lr == 0.0005
+    with pytest.raises(ConfigError, match=r"search.lr = 'fast': expected a number"):
+        load_config(None, ["search.lr=fast"])

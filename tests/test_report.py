@@ -49,7 +49,11 @@ def ablation(root):
             json.dumps({"search": {"decoder": decoder, "mask_ratio": ratio}})
         )
         rows = [{"epoch": e, "eval_loss": loss + 0.1 * (2 - e), "skip_count": skips,
+                 "alpha_entropy": 2.07 if tid == "a" else 2.0 - 0.1 * e,
+                 "hessian_eigenvalue": 0.1 * e * (1 + skips),
                  "genotype": genotype.to_json()} for e in (1, 2)]  # fmt: skip
+        if tid == "c":  # stopped early on collapse at its last epoch, keeping the first
+            rows[-1].update(stopped_early=True, kept_epoch=1, stop_reason="the eigenvalue grew")
         if status == "unfinished":
             rows = rows[:1]
         (d / "result.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -89,15 +93,17 @@ def test_a_report_of_an_experiment_on_object_storage(tmp_path):
     assert page.headings == [
         "Leaderboard",
         "eval_loss against each tuned parameter",
+        "The label-free score against accuracy",
         "Optimisation history",
         "Parameter importances",
         "Skip connections against mask ratio, per decoder (the collapse picture)",
+        "Collapse over time: skip connections, α entropy and curvature per epoch",
         "The best genotypes by eval_loss",
     ]
     # the best two finished trials first (b 0.40, c 0.45), their cells copied next to the page
     assert page.images == [
         "objective_vs_params.png", "history.png", "importances.png", "skips_vs_mask_ratio.png",
-        "best/1-trial_b-cells.png", "best/2-trial_c-cells.png",
+        "collapse_over_time.png", "best/1-trial_b-cells.png", "best/2-trial_c-cells.png",
     ]  # fmt: skip
     for src in page.images:
         picture = matplotlib.image.imread(tmp_path / "report" / src)
@@ -105,6 +111,20 @@ def test_a_report_of_an_experiment_on_object_storage(tmp_path):
     text = index.read_text()
     assert "rebuilt from the trials&#x27; eval_loss" in text and "3 completed trials" in text
     assert "unfinished@1" in text and "4 trials (3 done, 1 unfinished)" in text
+    # an eval_loss sweep has no accuracy to correlate with, and says why; importances from
+    # three trials carry a caveat
+    assert (
+        "Kendall τ(−eval_loss, proxy_top1): no number (the sweep&#x27;s objective is "
+        "eval_loss: its trials run no proxy retrain" in text
+    )
+    assert "caveat: from 3 trials; importances need about 10" in text
+    # the leaderboard's notes: α close to uniform in trial a, trial c stopped early
+    assert "note: 1 of 4 trials ended with α close to uniform" in text and "a 2.070" in text
+    assert "done, early@2-&gt;1" in text
+    assert (
+        "trial c stopped early after epoch 2 (the eigenvalue grew); its genotype is that "
+        "of epoch 1" in text
+    )
     rows = re.findall(r"<tr><td>(.*?)</td><td>(.*?)</td>", text)
     # ranked by the last eval_loss: d (unfinished) has one from its first epoch
     assert rows == [("1", "b"), ("2", "c"), ("3", "a"), ("4", "d")]

@@ -126,3 +126,17 @@ def test_formats(tmp_path, capsys):
     data = pq.read_table(tmp_path / "t.parquet").to_pylist()
     assert [r["trial_id"] for r in data] == ["a", "b"]
     assert data[1]["metric.eval_loss"] == 0.2 and data[1]["param.search.mask_ratio"] == 0.5
+
+
+def test_a_search_stopped_early_on_collapse_is_a_finished_trial():
+    from maenas_ray.config import load_config
+    from maenas_ray.results import trial_done
+
+    cfg = load_config(None, ["objective.metric=eval_loss", "search.epochs=20"])
+    assert not trial_done(cfg, {}, {"epoch": 12})
+    assert trial_done(cfg, {}, {"epoch": 12, "stopped_early": True, "kept_epoch": 7})
+    assert trial_done(cfg, {"search": {"epochs": 12}}, {"epoch": 12})
+    proxy = load_config(None, ["search.epochs=20"])  # proxy_top1: the proxy must run too
+    assert not trial_done(proxy, {}, {"epoch": 12, "stopped_early": True})
+    stopped_and_scored = {"epoch": 12, "stopped_early": True, "proxy_epoch": 10}
+    assert trial_done(proxy, {}, stopped_and_scored)

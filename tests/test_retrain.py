@@ -2,6 +2,7 @@
 
 import glob
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -204,7 +205,7 @@ def test_sweep_with_the_proxy_objective_ranks_by_proxy_top1(tmp_path, capsys, mo
         "retrain": {**TINY["retrain"], "proxy_epochs": 2, "proxy_channels": 8,
                     "proxy_layers": 5},
         "space": {"mask_ratio": {"low": 0.3, "high": 0.7}},
-        "tune": {"num_samples": 2, "cpus_per_trial": 1, "seed": 3},
+        "tune": {"num_samples": 4, "cpus_per_trial": 1, "seed": 3},
         "objective": {"metric": "proxy_top1"},
     }  # fmt: skip
     path = tmp_path / "sweep.yaml"
@@ -222,7 +223,7 @@ def test_sweep_with_the_proxy_objective_ranks_by_proxy_top1(tmp_path, capsys, mo
 
     results = ray.tune.Tuner.restore(str(experiment), ex.trainable(cfg)).get_results()
     scores = sorted((r.metrics["proxy_top1"] for r in results), reverse=True)
-    assert len(scores) == 2 and not results.errors and all(s > 0.1 for s in scores)
+    assert len(scores) == 4 and not results.errors and all(s > 0.1 for s in scores)
     for r in results:
         trial = Path(r.path)
         assert (trial / "fault-injected-retrain-exit@1").is_file()
@@ -243,4 +244,66 @@ def test_sweep_with_the_proxy_objective_ranks_by_proxy_top1(tmp_path, capsys, mo
     assert ranked[0][0] == Genotype.from_json(best.metrics["genotype"])
     assert f"best genotype (proxy_top1 = {scores[0]:.4g}" in out
     _, top = top_genotypes(str(experiment), 2)
-    assert [g for _, g in top] == [g for g, _, _ in ranked]
+    assert [job.genotype for job in top] == [g for g, _, _ in ranked]
+    assert [job.trial_id for job in top] == [t.trial_id for _, _, t in ranked]
+
+    # the label-free score against accuracy: scipy's τ and ρ over the finished trials,
+    # printed under the leaderboard; with an errored and an unfinished trial left out
+    from scipy import stats
+
+    finals = {t.name: json.loads((t / "result.json").read_text().splitlines()[-1])
+              for t in experiment.glob("trial_*")}  # fmt: skip
+    xs = [-m["eval_loss"] for m in finals.values()]
+    ys = [m["proxy_top1"] for m in finals.values()]
+    first, second = sorted(experiment.glob("trial_*"))[:2]
+    unfinished, errored = experiment / "trial_unfinished", experiment / "trial_errored"
+    for source, copy in ((first, unfinished), (second, errored)):  # as if cut after epoch 1
+        shutil.copytree(source, copy)
+        lines = (copy / "result.json").read_text().splitlines()
+        (copy / "result.json").write_text(lines[0] + "\n")
+    (errored / "error.txt").write_text("Traceback ...\nRuntimeError: the node died\n")
+    corr = load_experiment(str(experiment)).correlation()
+    assert corr.n == 4 and corr.left_out == {"errored": 1, "unfinished": 1,
+                                             "without proxy_top1": 0}  # fmt: skip
+    assert corr.tau == pytest.approx(stats.kendalltau(xs, ys).statistic, abs=1e-12)
+    assert corr.tau_p == pytest.approx(stats.kendalltau(xs, ys).pvalue, abs=1e-12)
+    assert corr.rho == pytest.approx(stats.spearmanr(xs, ys).statistic, abs=1e-12)
+    assert corr.rho_p == pytest.approx(stats.spearmanr(xs, ys).pvalue, abs=1e-12)
+    line = (f"Kendall τ(−eval_loss, proxy_top1) = {corr.tau:.3f} (Spearman ρ = {corr.rho:.3f}, "
+            f"p = {corr.tau_p:.2g}, n = 4 trials); left out: 1 errored, 1 unfinished")  # fmt: skip
+    assert corr.line() == line
+    assert f"Kendall τ(−eval_loss, proxy_top1) = {corr.tau:.3f}" in out  # the sweep's end
+    from maenas_ray.genotypes import main as genotypes
+
+    assert genotypes([str(experiment), "--format", "table"]) == 0
+    assert line in capsys.readouterr().out
+
+    # full retrains recorded into the sweep: the same against their final top-1, with a
+    # number once three trials have one
+    from maenas_ray.retrain import Job, record_retrain
+
+    exp = load_experiment(str(experiment))
+    done = [t for t in exp.trials() if t.status == "done"]
+    record_retrain(Job("a", done[0].genotype, exp, done[0].trial_id), {"top1": 0.5, "epoch": 3})
+    retrained = exp.correlation("retrain_top1")
+    assert retrained.tau is None and retrained.left_out["without retrain_top1"] == 3
+    assert (
+        "1 finished trial(s) with both eval_loss and retrain_top1; a rank correlation "
+        "needs at least 3" in retrained.line()
+    )
+    for t, top1 in zip(done[1:3], (0.6, 0.7), strict=True):
+        record_retrain(Job("b", t.genotype, exp, t.trial_id), {"top1": top1})
+    retrained = load_experiment(str(experiment)).correlation("retrain_top1")
+    want = stats.kendalltau([-t.metrics["eval_loss"] for t in done[:3]], [0.5, 0.6, 0.7])
+    assert retrained.n == 3 and retrained.tau == pytest.approx(want.statistic, abs=1e-12)
+    assert genotypes([str(experiment), "--format", "table"]) == 0
+    assert "Kendall τ(−eval_loss, retrain_top1) = " in capsys.readouterr().out
+    # the report draws the score against accuracy, and the collapse signals per epoch
+    from maenas_ray.report import write_report
+
+    index = write_report(load_experiment(str(experiment)), tmp_path / "report")
+    text = index.read_text()
+    for picture in ("score_vs_accuracy.png", "collapse_over_time.png"):
+        assert (tmp_path / "report" / picture).stat().st_size > 10_000
+        assert picture in text
+    assert "Kendall τ(−eval_loss, retrain_top1) = " in text

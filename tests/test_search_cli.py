@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 
@@ -29,6 +30,13 @@ def test_cli_runs_a_search_and_writes_everything(tmp_path, capsys):
     )
     printed = capsys.readouterr().out
     assert "epoch 1/2" in printed and "epoch 2/2" in printed and "genotype: Genotype(" in printed
+    assert re.search(r"epoch 2/2 .* H\(α\) 2\.0\d\d  λ -?\d", printed)  # the eigenvalue
+    # 4 α steps at the paper's rate leave α uniform: the run says its genotype means little
+    assert re.search(
+        r"warning: α ended close to uniform \(mean entropy 2\.0\d\d; uniform is ln 8 = "
+        r"2\.079\): the genotype carries little information. .*raise search.arch_lr",
+        printed,
+    )
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
     Genotype.from_json((out / "genotype.json").read_text())

@@ -120,10 +120,20 @@ def test_resume_with_another_config_is_refused(tmp_path):
         run_search(tiny(epochs=1, mask_ratio=0.25), resume_from=tmp_path)
 
 
+class Payload:
+    """Stands for code a malicious checkpoint would run when unpickled."""
+
+
 def test_corrupt_checkpoint_is_named(tmp_path):
     (tmp_path / "search_state.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match=r"search_state\.pt' is unreadable"):
+    with pytest.raises(ValueError, match=r"search_state\.pt' is unreadable \(.*\): cut short") as e:
         load_search_state(tmp_path)
+    assert "weights_only" not in str(e.value) and "\n" not in str(e.value)
+    # a file holding other objects is refused without PyTorch's advice to unpickle it
+    torch.save({"format": "maenas-search-v1", "model": Payload()}, tmp_path / "search_state.pt")
+    with pytest.raises(ValueError, match=r"is refused: it holds objects other than tensors") as e:
+        load_search_state(tmp_path)
+    assert "weights_only" not in str(e.value) and "Re-running" not in str(e.value)
     with pytest.raises(FileNotFoundError, match="no search checkpoint"):
         load_search_state(tmp_path / "missing")
 

@@ -3,6 +3,7 @@
 import contextlib
 import glob
 import json
+import math
 import os
 import re
 import signal
@@ -601,3 +602,21 @@ def test_quickstart_runs_with_no_arguments(tmp_path):
     assert len(_trial_dirs(experiment)) == 4
     genotypes = [json.loads((t / "genotype.json").read_text()) for t in _trial_dirs(experiment)]
     assert all(Genotype.from_dict(g) for g in genotypes)
+    # a default that learns: every trial's α left uniform behind, the eigenvalue was
+    # measured, and the proxy accuracy rests on at least 500 held-out images
+    for trial in _trial_dirs(experiment):
+        final = json.loads((trial / "result.json").read_text().splitlines()[-1])
+        assert final["alpha_entropy"] <= 0.95 * math.log(8), (trial, final["alpha_entropy"])
+        assert final["proxy_held_out_images"] >= 500
+        assert "hessian_eigenvalue" in final
+    assert "close to uniform" not in run.stdout
+
+
+@pytest.mark.slow
+def test_the_quick_search_config_moves_alpha_within_about_a_minute():
+    config = Path(__file__).resolve().parent.parent / "tune_configs" / "search_quick.yaml"
+    start = time.monotonic()
+    result = run_search(load_config(config))
+    assert time.monotonic() - start < 180  # about a minute on 2 free cores
+    assert result.metrics["alpha_entropy"] <= 0.95 * math.log(8)
+    assert [m["epoch"] for m in result.history if "hessian_eigenvalue" in m] == [2, 4, 6]

@@ -93,8 +93,9 @@ def resolve_device(requested: str) -> torch.device:
 def autocast_for(device: torch.device, precision: str) -> Callable[[], AbstractContextManager]:
     """bf16 autocast on CUDA (``auto``/``bf16``) or when asked for on CPU; fp32 otherwise.
 
-    It applies to the weight step and the evaluation only: the α gradient (first and second
-    order) and the Hessian eigenvalue run in full fp32 (:func:`exact_fp32`)."""
+    It applies to the weight step, the first-order α gradient and the evaluation; the
+    second-order α gradient and the Hessian eigenvalue run in full fp32
+    (:func:`exact_fp32`)."""
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     if not use_bf16:
         return nullcontext
@@ -477,9 +478,9 @@ class SearchLoop:
     def alpha_gradients(
         self, x_a: torch.Tensor, mask_a: torch.Tensor, x_w: torch.Tensor, mask_w: torch.Tensor
     ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-        """The gradient of the A-loss with respect to α (first or second order, averaged
-        over the ranks; in full fp32), the A-loss at the current weights and the
-        A-reconstruction; changes nothing."""
+        """The gradient of the A-loss with respect to α (first order under
+        ``search.precision``, second order in full fp32; averaged over the ranks), the A-loss
+        at the current weights and the A-reconstruction; changes nothing."""
         s = self.cfg.search
         if s.unrolled:
             buffers = {
@@ -496,10 +497,11 @@ class SearchLoop:
             with torch.no_grad():  # the A-loss reported is that at w, not at the virtual w'
                 loss, pred = self._loss(x_a, mask_a)
         else:
-            # no weight-gradient work in the backward; fp32 throughout (docs/performance.md)
-            with frozen(self.weights), exact_fp32(self.device):
-                loss, pred = self._loss(x_a, mask_a, autocast=False)
-                grads = list(torch.autograd.grad(loss, self.alphas))
+            # under bf16 the first-order gradient is ~10% from fp32's, a tenth of what the
+            # next batch changes (docs/performance.md); no weight-gradient work in the backward
+            with frozen(self.weights):
+                loss, pred = self._loss(x_a, mask_a)
+            grads = list(torch.autograd.grad(loss, self.alphas))
         average_over_ranks(grads)
         return grads, loss.detach(), pred.detach()
 
@@ -691,20 +693,24 @@ class SearchLoop:
 
     @torch.no_grad()
     def write_artifacts(self, out_dir: Path) -> None:
+        """``genotype.json``, the reconstruction grid (8 held-out images under masks of
+        the search's own ratio and patch size, drawn from a fixed seed), the α heatmaps and
+        the cell drawings."""
         from maenas_ray import viz
 
         out_dir.mkdir(parents=True, exist_ok=True)
         genotype = self.model.encoder.genotype()
         (out_dir / "genotype.json").write_text(genotype.to_json(indent=2) + "\n")
+        s = self.cfg.search
         x = self.data.eval_images[:8]
-        mask = self.eval_masks()[:8]
+        mask = self._mask(x.shape[0], generator=torch.Generator().manual_seed(s.seed + 3))
         with self.autocast():
             pred = self.in_image_space(self.model(x, mask), x, mask)
-        patch = self.cfg.search.eval_patch_size or self.cfg.search.patch_size
         mean, std = self.data.mean.tolist(), self.data.std.tolist()
         viz.save_reconstruction_grid(
-            out_dir / "reconstruction.png", x, apply_mask(x, mask, patch), pred, mean, std,
-            title=f"epoch {self.epoch}: original / masked / reconstruction",
+            out_dir / "reconstruction.png", x, apply_mask(x, mask, s.patch_size), pred, mean,
+            std, title=f"epoch {self.epoch}: original / masked / reconstruction (held-out "
+            f"images; this search's masks: ratio {s.mask_ratio:g}, patch {s.patch_size})",
         )  # fmt: skip
         viz.save_alpha_heatmaps(
             out_dir / "alphas.png",

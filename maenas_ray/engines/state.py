@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +38,24 @@ def load_state(
         raise FileNotFoundError(f"no {what} checkpoint at {str(path)!r}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # never repeat PyTorch's advice to load it with weights_only=False: that would run
+        # whatever code the file carries
+        if "not an allowed global" in str(err):
+            raise ValueError(
+                f"{what} checkpoint {str(path)!r} is refused: it holds objects other than "
+                "tensors and plain containers, which are never unpickled (not a checkpoint "
+                "this project wrote, or tampered with)"
+            ) from None
+        raise ValueError(
+            f"{what} checkpoint {str(path)!r} is unreadable (not a torch file): cut short or "
+            "corrupt"
+        ) from None
     except Exception as err:
-        raise ValueError(f"{what} checkpoint {str(path)!r} is unreadable: {err}") from None
+        reason = str(err).split(".")[0].strip() or type(err).__name__
+        raise ValueError(
+            f"{what} checkpoint {str(path)!r} is unreadable ({reason}): cut short or corrupt"
+        ) from None
     if not isinstance(state, dict) or state.get("format") != fmt:
         raise ValueError(f"{str(path)!r} is not a maenas-ray {what} checkpoint")
     missing = [k for k in keys if k not in state]
