@@ -6,7 +6,9 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from test_search_engine import tiny
 
+from maenas_ray.engines import SearchLoop
 from maenas_ray.space import NUM_EDGES, PRIMITIVES, Supernet
 from maenas_ray.space.partial import channel_shuffle, shuffle, split_channels
 
@@ -170,3 +172,20 @@ def test_partial_channels_must_divide_every_cell(k):
         r"allowed: 1, 2, 4$",
     ):
         Supernet(4, 3, partial_channels=k)
+
+
+@pytest.mark.parametrize("unrolled", [False, True], ids=["first-order", "second-order"])
+def test_search_loop_trains_betas_as_architecture_weights(unrolled):
+    loop = SearchLoop(tiny(partial_channels=2, unrolled=unrolled))
+    enc = loop.model.encoder
+    assert loop.arch_names == [
+        "encoder.alphas_normal", "encoder.alphas_reduce",
+        "encoder.betas_normal", "encoder.betas_reduce",
+    ]  # fmt: skip
+    assert [id(p) for p in loop.a_opt.param_groups[0]["params"]] == [
+        id(p) for p in enc.arch_parameters()
+    ]
+    assert not {id(p) for p in loop.weights} & {id(p) for p in enc.arch_parameters()}
+    before = [p.detach().clone() for p in enc.arch_parameters()]
+    loop.iteration(next(iter(loop.data.w)), next(iter(loop.data.a)))
+    assert all(not torch.equal(a, b) for a, b in zip(before, enc.arch_parameters(), strict=True))
