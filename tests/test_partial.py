@@ -2,6 +2,9 @@
 formulation written out literally, and K = 1 against DARTS."""
 
 import copy
+import importlib.util
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -188,3 +191,20 @@ def test_search_loop_trains_betas_as_architecture_weights():
     before = [p.detach().clone() for p in enc.arch_parameters()]
     loop.iteration(next(iter(loop.data.w)), next(iter(loop.data.a)))
     assert all(not torch.equal(a, b) for a, b in zip(before, enc.arch_parameters(), strict=True))
+
+
+def test_search_step_benchmark_times_pc_darts_against_darts(capsys):
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "search_step.py"
+    spec = importlib.util.spec_from_file_location("search_step", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    code = bench.main(["--channels", "4", "--layers", "3", "--image-size", "16", "--batch", "8",
+                       "--repeats", "1", "--partial-channels", "2"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "pc-fast: PC-DARTS (partial channels K=2)" in out
+    assert "supernet weights: reference 72204, pc-fast 29124" in out
+    assert re.search(r"^reference +\d+\.\d +\d+\.\d{3} +\d+\.\d$", out, re.M)
+    assert re.search(r"^pc-fast +\d+\.\d +\d+\.\d{3} +\d+\.\d$", out, re.M)
+    assert "|pc-fast - reference K=2|" in out and "same mathematics: yes" in out
+    assert re.fullmatch(r"speedup: \d+\.\d\d", out.strip().splitlines()[-1])
