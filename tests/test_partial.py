@@ -16,6 +16,16 @@ from maenas_ray.space import NUM_EDGES, PRIMITIVES, Supernet
 from maenas_ray.space.partial import channel_shuffle, shuffle, split_channels
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These tiny tensors gain nothing from a second thread, and wait long for it when the
+    other core is busy (several times the run time on a shared 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def literal_pc_darts(net: Supernet, x: torch.Tensor) -> list[torch.Tensor]:
     """PC-DARTS' search network (its model_search.py: MixedOp, Cell) written out edge by
     edge on the supernet's own modules: the first C/K channels of each edge's input through
@@ -199,7 +209,7 @@ def test_search_step_benchmark_times_pc_darts_against_darts(capsys):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     code = bench.main(["--channels", "4", "--layers", "3", "--image-size", "16", "--batch", "8",
-                       "--repeats", "1", "--partial-channels", "2"])  # fmt: skip
+                       "--repeats", "1", "--partial-channels", "2", "--threads", "1"])  # fmt: skip
     out = capsys.readouterr().out
     assert code == 0, out
     assert "pc-fast: PC-DARTS (partial channels K=2)" in out
