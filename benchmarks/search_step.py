@@ -10,16 +10,23 @@ first or second order) and the weight step. Both paths run the project's own
   batches from a ``DataLoader`` (``data.loader = workers``, no worker processes);
 - fast: ``Supernet(formulation="fast")`` (``maenas_ray/space/fastpath.py``), channels_last,
   batches from the device-resident dataset with on-device augmentation, bf16 autocast
-  on CUDA (``search.precision = auto``).
+  on CUDA (``search.precision = auto``);
+- with ``--partial-channels K`` (K > 1) the fast path runs PC-DARTS' partial-channel
+  edges (``search.partial_channels = K``, ``maenas_ray/space/partial.py``) and is named
+  ``pc-fast``; the reference stays exact DARTS, so the ratio is the search cost of
+  PC-DARTS on the fast path against DARTS' own formulation.
 
 The iterations are alternated (reference, fast, fast, reference, ...) so that both see
 the same machine state. Before timing, both paths compute the loss and the α gradient
 of the same batch and masks in float32 from the same weights, and the reference also in
 float64: the two float32 paths must differ by no more than float32 rounding does, i.e.
-about as much as the float32 reference differs from its float64 self.
+about as much as the float32 reference differs from its float64 self. With partial
+channels that check is made against the reference formulation of the same PC-DARTS
+supernet (α and β gradients), which is not timed.
 
     python benchmarks/search_step.py                    # CPU default, < 2 min on 2 cores
     python benchmarks/search_step.py --device cuda --batch 256
+    python benchmarks/search_step.py --partial-channels 4   # PC-DARTS against DARTS
 
 The last line is ``speedup: X.XX`` (fast images/s over reference images/s).
 """
@@ -53,20 +60,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the fast path's (auto: bf16 on CUDA, fp32 on CPU); the reference "
                         "is always fp32")  # fmt: skip
     p.add_argument("--unrolled", action="store_true", help="second-order α gradient")
+    p.add_argument("--partial-channels", type=int, default=1, metavar="K",
+                   help="the fast path's PC-DARTS partial channels (default 1: DARTS)")  # fmt: skip
     p.add_argument("--repeats", type=int, default=3, help="timed iterations per path")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-float64", action="store_true",
                    help="skip the float64 reference (the rounding yardstick)")  # fmt: skip
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = p.parse_args(argv)
-    for name in ("channels", "layers", "image_size", "batch", "repeats"):
+    for name in ("channels", "layers", "image_size", "batch", "repeats", "partial_channels"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     return args
 
 
-def configs(args: argparse.Namespace) -> tuple[Config, Config]:
-    """The fast path's config and the reference's (same search, other data loader)."""
+def configs(args: argparse.Namespace) -> tuple[Config, Config, Config]:
+    """The fast path's config, the reference's (same search but DARTS' full edges, other
+    data loader) and that of the reference the fast path is checked against (the
+    reference's with the fast path's partial channels)."""
     images = max(4 * args.batch, 256)
     base = {
         "data": {"dataset": "synthetic", "image_size": args.image_size, "num_images": images},
@@ -76,11 +87,14 @@ def configs(args: argparse.Namespace) -> tuple[Config, Config]:
             "precision": args.precision,
         },
     }  # fmt: skip
-    fast = config_from_dict(copy.deepcopy(base))
+    fast = copy.deepcopy(base)
+    fast["search"]["partial_channels"] = args.partial_channels
     ref = copy.deepcopy(base)
     ref["data"].update(loader="workers", num_workers=0)
     ref["search"]["precision"] = "fp32"
-    return fast, config_from_dict(ref)
+    check = copy.deepcopy(ref)
+    check["search"]["partial_channels"] = args.partial_channels
+    return config_from_dict(fast), config_from_dict(ref), config_from_dict(check)
 
 
 def synchronize(device: torch.device) -> None:
@@ -191,31 +205,39 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    fast_cfg, ref_cfg = configs(args)
+    fast_cfg, ref_cfg, check_cfg = configs(args)
+    pc = args.partial_channels
     fast = SearchLoop(fast_cfg, formulation="fast")
     ref = SearchLoop(ref_cfg, formulation="reference")
-    states = fast.model.state_dict(), ref.model.state_dict()
+    check_ref = ref if pc == 1 else SearchLoop(check_cfg, formulation="reference")
+    states = fast.model.state_dict(), check_ref.model.state_dict()
     if states[0].keys() != states[1].keys() or not all(
         torch.equal(states[0][k], states[1][k]) for k in states[0]
     ):
         raise SystemExit("the two paths did not start from the same weights")
     order = "second" if args.unrolled else "first"
+    fast_name = "fast" if pc == 1 else "pc-fast"
     print(
         f"search iteration (α step, {order} order + weight step), C={args.channels}, "
         f"{args.layers} cells, batch {args.batch}, {args.image_size}x{args.image_size}, "
         f"{device} ({torch.get_num_threads()} threads), torch {torch.__version__}"
     )
-    print(f"  reference: float32, NCHW, DataLoader; fast: {fast_precision(fast)}, "
-          f"channels_last, {fast.data.loader} data")  # fmt: skip
+    print(f"  reference: DARTS, float32, NCHW, DataLoader; {fast_name}: "
+          f"{'DARTS' if pc == 1 else f'PC-DARTS (partial channels K={pc})'}, "
+          f"{fast_precision(fast)}, channels_last, {fast.data.loader} data")  # fmt: skip
+    if pc > 1:
+        print(f"  supernet weights: reference {count(ref)}, {fast_name} {count(fast)}; "
+              f"{fast_name} checked against the reference formulation with K={pc} "
+              "(α and β gradients)")  # fmt: skip
 
-    check = alpha_check(fast, ref, ref_cfg, not args.no_float64)
-    streams = {"reference": Stream(ref), "fast": Stream(fast)}
+    check = alpha_check(fast, check_ref, check_cfg, not args.no_float64)
+    streams = {"reference": Stream(ref), fast_name: Stream(fast)}
     for s in streams.values():  # warm-up (allocator, kernel selection)
         s.iteration()
     memory = {name: peak_memory(s.loop, s.iteration) for name, s in streams.items()}
     times: dict[str, list[float]] = {name: [] for name in streams}
     for r in range(args.repeats):
-        names = ["reference", "fast"] if r % 2 == 0 else ["fast", "reference"]
+        names = ["reference", fast_name] if r % 2 == 0 else [fast_name, "reference"]
         for name in names:
             synchronize(device)
             start = time.perf_counter()
@@ -227,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in streams:
         print(f"{name:10s} {rate[name]:10.1f} {statistics.median(times[name]):12.3f} "
               f"{memory[name] / 2**20:9.1f}")  # fmt: skip
-    print(f"loss: {check['loss']:.6f}; |fast - reference|: loss {check['loss_diff']:.2e}, "
+    checked = "reference" if pc == 1 else f"reference K={pc}"
+    print(f"loss: {check['loss']:.6f}; |{fast_name} - {checked}|: loss {check['loss_diff']:.2e}, "
           f"α gradient {check['alpha_grad_diff']:.2e} (largest α gradient "
           f"{check['alpha_grad_max']:.2e})")  # fmt: skip
     ok = True
@@ -244,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"same mathematics: {'yes' if ok else 'NO'} (the fast path is "
               f"{'within' if ok else 'beyond'} 2 x the reference's own float32 rounding of "
               "the float64 α gradient)")  # fmt: skip
-    speedup = rate["fast"] / rate["reference"]
+    speedup = rate[fast_name] / rate["reference"]
     if args.json is not None:
         figures = {"args": {k: str(v) for k, v in vars(args).items()}, "check": check,
                    "images_per_s": rate, "peak_bytes": memory, "times": times,
@@ -252,6 +275,11 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
     print(f"speedup: {speedup:.2f}")
     return 0 if ok else 1
+
+
+def count(loop: SearchLoop) -> int:
+    """The supernet's weights (not its architecture weights)."""
+    return sum(p.numel() for p in loop.model.encoder.weight_parameters())
 
 
 def fast_precision(loop: SearchLoop) -> str:

@@ -100,6 +100,9 @@ class SearchConfig:
     channels: int = 16
     layers: int = 8
     stem: Literal["cifar", "imagenet"] = "cifar"
+    #: PC-DARTS: 1/K of each edge's channels go through its mixed op, with per-edge β
+    #: (edge normalisation) as architecture weights; 1 = DARTS. Must divide ``channels``.
+    partial_channels: int = 1
     # masked autoencoder (§1.1, §1.3)
     mask_ratio: float = 0.5
     patch_size: int = 4
@@ -158,10 +161,14 @@ class SearchConfig:
 
     def check(self) -> None:
         from maenas_ray.mae import DECODERS
+        from maenas_ray.space.partial import partial_channels_problem
 
         _positive("search.channels", self.channels)
         if self.layers < 3:
             _fail("search.layers", self.layers, "must be >= 3 (one cell per resolution)")
+        problem = partial_channels_problem(self.channels, self.partial_channels)
+        if problem is not None:
+            _fail("search.partial_channels", self.partial_channels, problem)
         for key in ("mask_ratio", "eval_mask_ratio"):
             value = getattr(self, key)
             if value is not None and not 0.0 < value < 1.0:
@@ -722,8 +729,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         if key not in names:
             full = f"{prefix}.{key}" if prefix else str(key)
             raise ConfigError(
-                f"unknown key {full!r}; allowed keys here: {', '.join(names)}"
-                f"{suggest(key, names)}"
+                f"unknown key {full!r}; allowed keys here: {', '.join(names)}{suggest(key, names)}"
             )
     kwargs = {
         name: _coerce(hints[name], data[name], f"{prefix}.{name}" if prefix else name)

@@ -50,6 +50,10 @@ def test_yaml_file_and_overrides(tmp_path):
         (["search.stem=imagenet", "data.image_size=48"],
          r"data.image_size = 48: must be a multiple of 32 for stem 'imagenet'"),
         (["search.lr_min=0.1"], r"search.lr_min = 0.1: must be <= search.lr"),
+        (["search.channels=4", "search.partial_channels=3"],
+         r"search.partial_channels = 3: must divide the channels of every cell \(4, 8, 16\); "
+         r"allowed: 1, 2, 4$"),
+        (["search.partial_channels=0"], r"search.partial_channels = 0: must divide the channels"),
         (["search=3"], r"search = 3: expected a mapping"),
         (["search.mask_ratio"], r"--set 'search.mask_ratio': expected key=value"),
     ],
@@ -102,3 +106,16 @@ def test_exponent_floats_without_a_dot_are_numbers():
     assert cfg.search.lr == 0.001 and cfg.search.arch_lr == 0.0005
     with pytest.raises(ConfigError, match=r"search.lr = 'fast': expected a number"):
         load_config(None, ["search.lr=fast"])
+
+
+def test_partial_channels_are_tunable_and_the_corner_points_are_checked():
+    cfg = load_config(None, ["space={partial_channels: {choice: [1, 4]}}"])
+    cfg.check_sweep()
+    assert cfg.search.partial_channels == 1
+    bad = load_config(None, ["search.channels=12", "space={partial_channels: {choice: [1, 8]}}"])
+    with pytest.raises(
+        ConfigError,
+        match=r"space: the trial point partial_channels=8 is invalid: search.partial_channels = 8: "
+        r"must divide the channels of every cell \(12, 24, 48\); allowed: 1, 2, 3, 4, 6, 12",
+    ):
+        bad.check_sweep()

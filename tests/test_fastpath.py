@@ -16,10 +16,12 @@ from maenas_ray.engines.search import frozen, load_search_state, save_search_sta
 from maenas_ray.mae import HierarchicalDecoder, MaskedAutoencoder, masked_mse, random_patch_mask
 from maenas_ray.space import Supernet
 from maenas_ray.space.fastpath import (
+    NARROW_BATCH_NORM,
     _Depthwise,
     _format,
     concat,
     depthwise,
+    scaled_batch_norm,
     subsample,
     to_column_phases,
     to_phases,
@@ -136,6 +138,23 @@ def test_cell_output_hands_its_states_contiguous_gradients():
         # not a channel slice of g: CPU BatchNorm backward is ~10x slower on one
         assert grad.is_contiguous(memory_format=torch.channels_last)
         torch.testing.assert_close(grad, g[:, 4 * k : 4 * k + 4], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("channels", [4, NARROW_BATCH_NORM])  # on an NCHW copy, and not
+def test_batch_norm_keeps_the_layout_of_its_output_and_gradient(channels):
+    bn = torch.nn.BatchNorm2d(channels, affine=False, track_running_stats=False)
+    x = torch.randn(2, channels, 5, 6, dtype=torch.float64)
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    scale = torch.rand(channels, dtype=torch.float64, requires_grad=True)
+    y = scaled_batch_norm(bn, x, scale)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, scale.view(1, -1, 1, 1) * bn(x), rtol=1e-12, atol=1e-12)
+    grads = []
+    x.register_hook(grads.append)
+    y.backward(torch.randn_like(y))
+    assert grads[0].is_contiguous(memory_format=torch.channels_last)
+    assert torch.autograd.gradcheck(lambda t, s: scaled_batch_norm(bn, t, s), (x, scale))
+    assert torch.autograd.gradcheck(lambda t: scaled_batch_norm(bn, t, None), (x,))
 
 
 def test_parity_sub_images():

@@ -11,6 +11,7 @@ from maenas_ray.space import (
     build_network,
     derive_genotype,
 )
+from maenas_ray.space.genotype import node_softmax
 
 OPS_NO_NONE = [p for p in PRIMITIVES if p != "none"]
 
@@ -20,13 +21,18 @@ def _edge_rows(node: int) -> range:
     return range(start, start + node + 2)
 
 
-def _reference_parse(alphas: torch.Tensor) -> list[tuple[str, int]]:
-    """DARTS' model_search.py `_parse`, written out independently on numpy arrays."""
+def _reference_parse(alphas: torch.Tensor, betas=None) -> list[tuple[str, int]]:
+    """DARTS' model_search.py `_parse`, written out independently on numpy arrays; with
+    ``betas``, PC-DARTS' (each edge's op weights times the softmax of β over the node)."""
     weights = torch.softmax(alphas.double(), dim=-1).numpy()
     none = PRIMITIVES.index("none")
     gene, start, n = [], 0, 2
     for _ in range(4):
         w = weights[start : start + n].copy()
+        if betas is not None:
+            edge = torch.softmax(betas[start : start + n].double(), dim=0).numpy()
+            for j in range(n):
+                w[j, :] = w[j, :] * edge[j]
         edges = sorted(
             range(n), key=lambda x: -max(w[x][k] for k in range(len(w[x])) if k != none)
         )[:2]
@@ -171,6 +177,45 @@ def test_derive_matches_darts_reference_on_random_alphas(seed):
 def test_derive_rejects_wrong_shape():
     with pytest.raises(ValueError, match=r"alphas_normal has shape \(14, 7\); expected \(14, 8\)"):
         derive_genotype(torch.zeros(14, 7), torch.zeros(14, 8))
+    a = torch.zeros(14, 8)
+    with pytest.raises(ValueError, match=r"betas_reduce has shape \(13,\); expected \(14,\)"):
+        derive_genotype(a, a, torch.zeros(14), torch.zeros(13))
+    with pytest.raises(ValueError, match="both betas_normal and betas_reduce, or neither"):
+        derive_genotype(a, a, torch.zeros(14))
+
+
+def test_node_softmax_normalises_the_edges_into_each_node():
+    betas = torch.randn(NUM_EDGES, dtype=torch.float64)
+    w = node_softmax(betas)
+    for node in range(4):
+        rows = _edge_rows(node)
+        torch.testing.assert_close(w[rows.start : rows.stop].sum(), torch.tensor(1.0).double())
+        torch.testing.assert_close(
+            w[rows.start : rows.stop], torch.softmax(betas[rows.start : rows.stop], dim=0)
+        )
+
+
+def test_derive_with_betas_ranks_edges_by_edge_weight_times_op_weight():
+    a = _alphas({(n, j, "sep_conv_3x3"): 1.0 for n in range(4) for j in range(n + 2)})
+    a = a + _alphas({(3, 0, "sep_conv_3x3"): 1.0})  # α alone: inputs 0 and 1 of node 3
+    assert derive_genotype(a, a).normal[6:] == (("sep_conv_3x3", 0), ("sep_conv_3x3", 1))
+    betas = torch.zeros(NUM_EDGES)
+    betas[_edge_rows(3)[4]] = 2.0  # β makes input 4 the strongest, input 0 still second
+    betas[_edge_rows(2)[3]] = 0.5  # and input 3 the strongest into node 2
+    g = derive_genotype(a, a, betas, torch.zeros(NUM_EDGES))
+    assert g.normal[6:] == (("sep_conv_3x3", 4), ("sep_conv_3x3", 0))
+    assert g.normal[4:6] == (("sep_conv_3x3", 3), ("sep_conv_3x3", 0))
+    assert g.reduce == derive_genotype(a, a).reduce  # uniform β changes nothing
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_derive_with_betas_matches_pc_darts_reference_on_random_logits(seed):
+    gen = torch.Generator().manual_seed(seed)
+    normal, reduce = (torch.randn(NUM_EDGES, len(PRIMITIVES), generator=gen) for _ in "nr")
+    b_normal, b_reduce = (2 * torch.randn(NUM_EDGES, generator=gen) for _ in "nr")
+    g = derive_genotype(normal, reduce, b_normal, b_reduce)
+    assert list(g.normal) == _reference_parse(normal, b_normal)
+    assert list(g.reduce) == _reference_parse(reduce, b_reduce)
 
 
 def test_count_ops():

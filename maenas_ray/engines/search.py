@@ -348,14 +348,17 @@ class SearchLoop:
             )
         self.autocast = autocast_for(self.device, s.precision)
         torch.manual_seed(s.seed)
-        encoder = Supernet(s.channels, s.layers, stem=s.stem, formulation=formulation)
+        encoder = Supernet(
+            s.channels, s.layers, stem=s.stem, formulation=formulation,
+            partial_channels=s.partial_channels,
+        )  # fmt: skip
         decoder = build_decoder(
             s.decoder, encoder.feature_channels, s.decoder_width, s.decoder_depth
         )
         self.model = MaskedAutoencoder(encoder, decoder).to(self.device)
-        arch = {id(p) for p in encoder.arch_parameters()}
         named = dict(self.model.named_parameters())
-        self.arch_names = [n for n, p in named.items() if id(p) in arch]
+        names = {id(p): n for n, p in named.items()}  # α, then β with partial channels
+        self.arch_names = [names[id(p)] for p in encoder.arch_parameters()]
         self.alphas = [named[n] for n in self.arch_names]
         self.weight_names = [n for n in named if n not in self.arch_names]
         self.weights = [named[n] for n in self.weight_names]

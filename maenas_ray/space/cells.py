@@ -5,11 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from maenas_ray.space.fastpath import CellWeights, SharedInputs, concat, mixed_edge, preprocess
 from maenas_ray.space.genotype import NODES, Edge
 from maenas_ray.space.ops import OPS, PRIMITIVES, FactorizedReduce, Identity, ReLUConvBN, build_op
+from maenas_ray.space.partial import channel_shuffle, partial_nodes
 
 
 class Stem(nn.Module):
@@ -104,44 +106,82 @@ def batch_statistics_only(module: nn.Module) -> None:
 
 class MixedOp(nn.Module):
     """A search edge: ``Σ_k w_k · op_k(x)`` over every primitive (reference formulation;
-    :func:`maenas_ray.space.fastpath.mixed_edge` computes the same, faster)."""
+    :func:`maenas_ray.space.fastpath.mixed_edge` computes the same, faster).
 
-    def __init__(self, c: int, stride: int) -> None:
+    With ``partial_channels = K > 1`` (PC-DARTS, :mod:`maenas_ray.space.partial`) the ops
+    have ``c / K`` channels and see only the first ``c / K`` channels of ``x``; the others
+    bypass them (2x2 max pooling on a stride-2 edge) and the two parts are shuffled.
+    """
+
+    def __init__(self, c: int, stride: int, partial_channels: int = 1) -> None:
         super().__init__()
+        self.stride, self.partial_channels = stride, partial_channels
+        width = c // partial_channels
         ops = []
         for name in PRIMITIVES:
-            op = build_op(name, c, stride, affine=False)
+            op = build_op(name, width, stride, affine=False)
             if OPS[name].parameter_free:
-                op = nn.Sequential(op, nn.BatchNorm2d(c, affine=False))
+                op = nn.Sequential(op, nn.BatchNorm2d(width, affine=False))
             ops.append(op)
         self.ops = nn.ModuleList(ops)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        return sum(w * op(x) for w, op in zip(weights, self.ops, strict=True))  # type: ignore[return-value]
+        k = self.partial_channels
+        if k == 1:
+            return sum(w * op(x) for w, op in zip(weights, self.ops, strict=True))  # type: ignore[return-value]
+        head, rest = x[:, : x.shape[1] // k], x[:, x.shape[1] // k :]
+        mixed = sum(w * op(head) for w, op in zip(weights, self.ops, strict=True))
+        if self.stride == 2:
+            rest = F.max_pool2d(rest, 2)
+        return channel_shuffle(torch.cat([mixed, rest], dim=1), k)  # type: ignore[list-item]
 
 
 class SearchCell(nn.Module):
-    """A supernet cell: NODES nodes, each the sum of mixed edges from all earlier states."""
+    """A supernet cell: NODES nodes, each the sum of mixed edges from all earlier states.
+
+    With ``partial_channels > 1`` the edges are PC-DARTS' partial-channel ones and a node
+    weights each incoming edge by its ``edge_weights`` entry (the node-wise softmax of β).
+    """
 
     def __init__(
-        self, c_prev_prev: int, c_prev: int, c: int, reduction: bool, reduction_prev: bool
+        self,
+        c_prev_prev: int,
+        c_prev: int,
+        c: int,
+        reduction: bool,
+        reduction_prev: bool,
+        partial_channels: int = 1,
     ) -> None:
         super().__init__()
         self.reduction = reduction
+        self.partial_channels = partial_channels
         self.preprocess0, self.preprocess1 = _preprocess(
             c_prev_prev, c_prev, c, reduction_prev, affine=False
         )
         self.edges = nn.ModuleList(
-            MixedOp(c, 2 if reduction and j < 2 else 1) for i in range(NODES) for j in range(2 + i)
+            MixedOp(c, 2 if reduction and j < 2 else 1, partial_channels)
+            for i in range(NODES)
+            for j in range(2 + i)
         )
         self.out_channels = NODES * c
         batch_statistics_only(self)
 
     def forward(
-        self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor, fast: bool = True
+        self,
+        s0: torch.Tensor,
+        s1: torch.Tensor,
+        weights: torch.Tensor,
+        fast: bool = True,
+        edge_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if (edge_weights is None) != (self.partial_channels == 1):
+            raise ValueError("edge weights go with partial channels (partial_channels > 1) only")
         if fast:
             states = [preprocess(self.preprocess0, s0), preprocess(self.preprocess1, s1)]
+            if edge_weights is not None:
+                stride = 2 if self.reduction else 1
+                k = self.partial_channels
+                return concat(partial_nodes(self.edges, states, weights, edge_weights, k, stride))
         else:
             states = [self.preprocess0(s0), self.preprocess1(s1)]
         inputs = [SharedInputs(h, 2 if self.reduction else 1) for h in states]
@@ -156,6 +196,8 @@ class SearchCell(nn.Module):
                     s = mixed_edge(ops, inputs[j], split.scalars[e], split.vectors[e], s)  # type: ignore[arg-type]
                 else:
                     y = self.edges[e](h, weights[e])
+                    if edge_weights is not None:
+                        y = edge_weights[e] * y
                     s = y if s is None else s + y
             assert s is not None
             offset += len(states)

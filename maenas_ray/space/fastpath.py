@@ -22,6 +22,8 @@ literally. This path computes the same value and the same gradients with:
   pixel subsampling (:func:`subsample`) hand back contiguous ``channels_last``
   gradients; a channel slice, or the NCHW tensor a slice's backward makes, sends the
   BatchNorm, add and ReLU kernels that follow down paths several times slower on CPU.
+- **narrow BatchNorms on NCHW**: below 8 channels (PC-DARTS' partial-channel edges) the
+  CPU's channels_last BatchNorm is slower than an NCHW copy, normalised, and copied back.
 
 Together with ``channels_last`` tensors (:class:`Supernet` converts its input) this is
 what ``Supernet(formulation="fast")`` runs; ``benchmarks/search_step.py`` measures it
@@ -233,20 +235,42 @@ def _is_depthwise(m: nn.Module) -> bool:
     )  # fmt: skip
 
 
+class _Layout(torch.autograd.Function):
+    """``x`` in another memory format; its gradient goes back in ``x``'s own."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:  # type: ignore[override]
+        ctx.format = _format(x)
+        return x.contiguous(memory_format=memory_format)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return grad.contiguous(memory_format=ctx.format), None
+
+
+#: Below this many channels a CPU BatchNorm runs on an NCHW copy of a channels_last tensor:
+#: at 4 channels (PC-DARTS' edges at C=16, K=4) the channels_last kernels take about twice
+#: as long as the NCHW ones and the two copies; at 8 they are faster.
+NARROW_BATCH_NORM = 8
+
+
 def scaled_batch_norm(
     bn: nn.BatchNorm2d, x: torch.Tensor, scale: torch.Tensor | None
 ) -> torch.Tensor:
     """``scale · bn(x)`` (``scale``: a scalar or one value per channel); for a non-affine,
     batch-statistics BatchNorm in one kernel: the weight becomes the BatchNorm's affine
     weight, so neither the product nor its two gradient products are separate passes over
-    the tensor."""
-    if scale is None:
-        return bn(x)
+    the tensor. A narrow channels_last one runs on NCHW (:data:`NARROW_BATCH_NORM`)."""
     if bn.affine or bn.track_running_stats:
-        return scale.reshape(1, -1, 1, 1) * bn(x)
+        return bn(x) if scale is None else scale.reshape(1, -1, 1, 1) * bn(x)
     # a materialised weight: torch 2.14's CPU BatchNorm backward gets the input gradient of
     # a channels_last tensor wrong with a stride-0 (expanded) weight
-    weight = scale.expand(x.shape[1]).contiguous()
+    weight = None if scale is None else scale.expand(x.shape[1]).contiguous()
+    narrow = x.device.type == "cpu" and x.shape[1] < NARROW_BATCH_NORM
+    if narrow and _format(x) == torch.channels_last and not x.is_contiguous():
+        y = _Layout.apply(x, torch.contiguous_format)
+        y = F.batch_norm(y, None, None, weight, None, training=True, eps=bn.eps)
+        return _Layout.apply(y, torch.channels_last)
     return F.batch_norm(x, None, None, weight, None, training=True, eps=bn.eps)
 
 
@@ -269,6 +293,8 @@ def conv_op(
             )  # fmt: skip
         elif isinstance(m, nn.ReLU) and isinstance(previous, nn.BatchNorm2d):
             relu_x = F.relu_(relu_x)  # the BatchNorm's fresh output: its backward needs its input
+        elif isinstance(m, nn.BatchNorm2d):
+            relu_x = scaled_batch_norm(m, relu_x, None)
         else:
             relu_x = m(relu_x)
         previous = m
@@ -326,9 +352,14 @@ class SharedInputs:
         return self._phases
 
     def pooled(self, k: int, op: nn.Module) -> torch.Tensor:
-        """The output of parameter-free primitive ``k`` (the same on every edge)."""
+        """The output of parameter-free primitive ``k`` (the same on every edge): ``op`` is
+        the primitive followed by its BatchNorm."""
         if k not in self._pooled:
-            self._pooled[k] = op(self.x)
+            *primitive, bn = op  # type: ignore[misc]
+            y = self.x
+            for m in primitive:
+                y = m(y)
+            self._pooled[k] = scaled_batch_norm(bn, y, None)
         return self._pooled[k]
 
 

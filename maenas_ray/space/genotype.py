@@ -184,7 +184,21 @@ def _parse_cell(weights: torch.Tensor) -> list[Edge]:
     return gene
 
 
-def derive_genotype(alphas_normal: torch.Tensor, alphas_reduce: torch.Tensor) -> Genotype:
+def node_softmax(betas: torch.Tensor) -> torch.Tensor:
+    """PC-DARTS' edge normalisation: the softmax of the per-edge β (``NUM_EDGES`` entries, in
+    edge order) over the incoming edges of each node, one weight per edge."""
+    if betas.shape != (NUM_EDGES,):
+        raise ValueError(f"β has shape {tuple(betas.shape)}; expected ({NUM_EDGES},)")
+    sizes = [2 + node for node in range(NODES)]
+    return torch.cat([torch.softmax(b, dim=0) for b in betas.split(sizes)])
+
+
+def derive_genotype(
+    alphas_normal: torch.Tensor,
+    alphas_reduce: torch.Tensor,
+    betas_normal: torch.Tensor | None = None,
+    betas_reduce: torch.Tensor | None = None,
+) -> Genotype:
     """Derive the discrete genotype from architecture logits (DARTS rule).
 
     ``alphas_*`` are the raw α logits, shape ``(NUM_EDGES, len(PRIMITIVES))``; they are
@@ -192,15 +206,34 @@ def derive_genotype(alphas_normal: torch.Tensor, alphas_reduce: torch.Tensor) ->
     incoming edges with the largest non-``none`` weight are kept, and on each the
     arg-max non-``none`` op. Ties go to the lower input index and to the op that comes
     first in :data:`PRIMITIVES`.
+
+    ``betas_*`` (both or neither): the per-edge logits of PC-DARTS' edge normalisation,
+    shape ``(NUM_EDGES,)``. Each edge's op weights are then multiplied by its edge weight
+    (:func:`node_softmax`) before the rule above, so an edge's strength is its edge weight
+    times its strongest op weight; the op chosen on an edge is the same either way.
     """
+    if (betas_normal is None) != (betas_reduce is None):
+        raise ValueError("give both betas_normal and betas_reduce, or neither")
     cells = []
-    for name, alphas in (("alphas_normal", alphas_normal), ("alphas_reduce", alphas_reduce)):
+    for cell, alphas, betas in (
+        ("normal", alphas_normal, betas_normal),
+        ("reduce", alphas_reduce, betas_reduce),
+    ):
         alphas = torch.as_tensor(alphas).detach().to("cpu", torch.float64)
         if alphas.shape != (NUM_EDGES, len(PRIMITIVES)):
             raise ValueError(
-                f"{name} has shape {tuple(alphas.shape)}; expected ({NUM_EDGES}, {len(PRIMITIVES)})"
+                f"alphas_{cell} has shape {tuple(alphas.shape)}; "
+                f"expected ({NUM_EDGES}, {len(PRIMITIVES)})"
             )
-        cells.append(_parse_cell(torch.softmax(alphas, dim=-1)))
+        weights = torch.softmax(alphas, dim=-1)
+        if betas is not None:
+            betas = torch.as_tensor(betas).detach().to("cpu", torch.float64)
+            if betas.shape != (NUM_EDGES,):
+                raise ValueError(
+                    f"betas_{cell} has shape {tuple(betas.shape)}; expected ({NUM_EDGES},)"
+                )
+            weights = weights * node_softmax(betas).unsqueeze(-1)
+        cells.append(_parse_cell(weights))
     return Genotype(cells[0], DEFAULT_CONCAT, cells[1], DEFAULT_CONCAT)
 
 

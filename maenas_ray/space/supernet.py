@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 from maenas_ray.space.cells import CifarStem, ImageNetStem, SearchCell, Stem, reduction_layers
-from maenas_ray.space.genotype import NUM_EDGES, Genotype, derive_genotype
+from maenas_ray.space.genotype import NUM_EDGES, Genotype, derive_genotype, node_softmax
 from maenas_ray.space.ops import PRIMITIVES
+from maenas_ray.space.partial import partial_channels_problem
 
 StemKind = Literal["cifar", "imagenet"]
 Formulation = Literal["fast", "reference"]
@@ -44,6 +45,13 @@ class Supernet(nn.Module):
     between edges, runs dilated convolutions as plain ones and keeps the activations
     ``channels_last`` (attribute ``channels_last``). Both attributes may be switched on a
     built network.
+
+    ``partial_channels = K > 1`` makes the edges PC-DARTS' partial-channel ones
+    (:mod:`maenas_ray.space.partial`; ``K`` must divide ``C``): the mixed ops see ``1/K`` of
+    the channels, and edge-normalisation weights ``betas_normal``, ``betas_reduce``
+    (``NUM_EDGES`` each, initialised at ``1e-3 * N(0, 1)``) join α as architecture weights
+    and in the derivation. ``K = 1`` (the default) is DARTS, without β (the ``betas_*``
+    attributes are ``None``).
     """
 
     def __init__(
@@ -54,6 +62,7 @@ class Supernet(nn.Module):
         stem: StemKind = "cifar",
         stem_multiplier: int = 3,
         formulation: Formulation = "fast",
+        partial_channels: int = 1,
     ) -> None:
         super().__init__()
         if isinstance(C, bool) or not isinstance(C, int) or C < 1:
@@ -66,7 +75,11 @@ class Supernet(nn.Module):
             raise ValueError(
                 f"Supernet formulation={formulation!r}; allowed: {', '.join(FORMULATIONS)}"
             )
+        problem = partial_channels_problem(C, partial_channels)
+        if problem is not None:
+            raise ValueError(f"Supernet partial_channels={partial_channels!r}: {problem}")
         self.C = C
+        self.partial_channels = partial_channels
         self.layers = layers
         self.formulation = formulation
         #: run on channels_last activations (the fast path's memory format)
@@ -81,7 +94,7 @@ class Supernet(nn.Module):
             reduction = i in reductions
             if reduction:
                 c *= 2
-            cell = SearchCell(c_prev_prev, c_prev, c, reduction, reduction_prev)
+            cell = SearchCell(c_prev_prev, c_prev, c, reduction, reduction_prev, partial_channels)
             cells.append(cell)
             reduction_prev = reduction
             c_prev_prev, c_prev = c_prev, cell.out_channels
@@ -93,10 +106,17 @@ class Supernet(nn.Module):
         self.feature_strides = [self.stem.stride * 2**k for k in range(len(self.feature_indices))]
         self.alphas_normal = nn.Parameter(1e-3 * torch.randn(NUM_EDGES, len(PRIMITIVES)))
         self.alphas_reduce = nn.Parameter(1e-3 * torch.randn(NUM_EDGES, len(PRIMITIVES)))
+        self.betas_normal: nn.Parameter | None = None
+        self.betas_reduce: nn.Parameter | None = None
+        if partial_channels > 1:
+            self.betas_normal = nn.Parameter(1e-3 * torch.randn(NUM_EDGES))
+            self.betas_reduce = nn.Parameter(1e-3 * torch.randn(NUM_EDGES))
 
     def arch_parameters(self) -> list[nn.Parameter]:
-        """The architecture weights α (normal, reduce)."""
-        return [self.alphas_normal, self.alphas_reduce]
+        """The architecture weights: α (normal, reduce), then β (normal, reduce) with
+        partial channels."""
+        betas = [self.betas_normal, self.betas_reduce] if self.partial_channels > 1 else []
+        return [self.alphas_normal, self.alphas_reduce, *betas]  # type: ignore[list-item]
 
     def weight_parameters(self) -> list[nn.Parameter]:
         """Every parameter that is not an architecture weight."""
@@ -107,16 +127,24 @@ class Supernet(nn.Module):
         w_normal = torch.softmax(self.alphas_normal, dim=-1)
         w_reduce = torch.softmax(self.alphas_reduce, dim=-1)
         fast = self.formulation == "fast"
+        e_normal = e_reduce = None
+        if self.partial_channels > 1:
+            e_normal = node_softmax(self.betas_normal)  # type: ignore[arg-type]
+            e_reduce = node_softmax(self.betas_reduce)  # type: ignore[arg-type]
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         s0, s1 = self.stem(x)
         features = []
         for i, cell in enumerate(self.cells):
-            s0, s1 = s1, cell(s0, s1, w_reduce if cell.reduction else w_normal, fast=fast)
+            weights, edge_weights = (w_reduce, e_reduce) if cell.reduction else (w_normal, e_normal)
+            s0, s1 = s1, cell(s0, s1, weights, fast=fast, edge_weights=edge_weights)
             if i in self.feature_indices:
                 features.append(s1)
         return features
 
     def genotype(self) -> Genotype:
-        """The discrete architecture derived from the current α (DARTS rule)."""
-        return derive_genotype(self.alphas_normal, self.alphas_reduce)
+        """The discrete architecture derived from the current α (DARTS rule), and β with
+        partial channels (PC-DARTS: edges ranked by edge weight times op weight)."""
+        return derive_genotype(
+            self.alphas_normal, self.alphas_reduce, self.betas_normal, self.betas_reduce
+        )
