@@ -462,12 +462,51 @@ class Config:
         self.tune.check()
         self.objective.check()
         self._check_search()
+        self._check_splits()
+
+    def _known_size(self) -> tuple[str, int] | None:
+        """The number of training images when the config gives it (the synthetic dataset,
+        or any capped by data.max_images), with the key that sets it; None otherwise."""
+        d = self.data
+        if d.max_images is not None and (d.dataset != "synthetic" or d.max_images < d.num_images):
+            return "data.max_images", d.max_images
+        return ("data.num_images", d.num_images) if d.dataset == "synthetic" else None
+
+    def _check_splits(self) -> None:
+        """The W- and A-split each hold a search batch (found here, not inside a trial)."""
+        known = self._known_size()
+        if known is None:
+            return  # known only once the dataset is read
+        key, n = known
+        w = int(n * self.data.train_portion)
+        for split, size in (("W", w), ("A", n - w)):
+            if size < self.search.batch_size:
+                _fail(
+                    key, n, f"the {split}-split would hold {size} images (data.train_portion "
+                    f"{self.data.train_portion}), fewer than search.batch_size "
+                    f"({self.search.batch_size})",
+                )  # fmt: skip
+
+    def _check_proxy_split(self) -> None:
+        """The proxy retrain's training images hold a retrain batch."""
+        known = self._known_size()
+        if known is None:
+            return
+        key, n = known
+        train = n - max(1, int(n * self.retrain.proxy_val_fraction))
+        if train < self.retrain.batch_size:
+            _fail(
+                key, n, f"the proxy retrain would train on {train} images, fewer than "
+                f"retrain.batch_size ({self.retrain.batch_size})",
+            )  # fmt: skip
 
     def check_sweep(self) -> None:
         """The checks of a sweep on top of :meth:`check`: workers and the tuned space."""
         self._check_workers()
         if self.name is not None and not _NAME.fullmatch(self.name):
             _fail("name", self.name, "letters, digits, '.', '_' and '-' only (a directory name)")
+        if self.name is not None and len(self.name) > MAX_NAME:
+            _fail("name", self.name, f"at most {MAX_NAME} characters (a directory name)")
         if not self.storage_path:
             _fail("storage_path", self.storage_path, "a directory or an s3:// or gs:// URI")
         if not self.space:
@@ -488,7 +527,8 @@ class Config:
                     self.retrain.batch_size,
                     f"must be divisible by the {workers} Ray Train workers of a trial",
                 )
-            self._check_proxy_network()
+            self._check_network(proxy=True)
+            self._check_proxy_split()
         tuned_masks = sorted({"mask_ratio", "patch_size"} & set(self.space))
         if self.objective.metric in ("val_loss", "val_psnr") and tuned_masks:
             _fail(
@@ -553,24 +593,50 @@ class Config:
             try:
                 trial.search.check()
                 trial._check_search()
+                trial._check_splits()
                 trial._check_workers()
             except ConfigError as err:
                 point = ", ".join(f"{k}={v!r}" for k, v in combo)
                 raise ConfigError(f"space: the trial point {point} is invalid: {err}") from None
 
-    def _check_proxy_network(self) -> None:
-        """The proxy network can be built at this image size (e.g. its auxiliary head)."""
-        from maenas_ray.space import PUBLISHED, build_network
-
+    def check_retrain(self) -> None:
+        """The checks of a retrain run (``python -m maenas_ray.retrain``) on top of
+        :meth:`check`: the batch splits over the workers and the network fits the images."""
         r = self.retrain
+        if r.batch_size % r.num_workers:
+            _fail(
+                "retrain.batch_size",
+                r.batch_size,
+                f"must be divisible by retrain.num_workers ({r.num_workers})",
+            )
+        self._check_network(proxy=False)
+
+    def _check_network(self, proxy: bool) -> None:
+        """The retrain (or proxy) network can be built at this image size (its auxiliary
+        head needs room), as the retrain engine builds it."""
+        from maenas_ray.space import PUBLISHED, build_network
+        from maenas_ray.space.networks import KNOWN_DATASETS
+
+        r, d = self.retrain, self.data
+        known = d.dataset in KNOWN_DATASETS
+        auxiliary = r.auxiliary and r.auxiliary_weight > 0
+        what = "the proxy network" if proxy else "the retrain network"
         try:
             build_network(
-                PUBLISHED["DARTS_V2"], "custom", channels=r.proxy_channels,
-                layers=r.proxy_layers, auxiliary=r.auxiliary and r.auxiliary_weight > 0,
-                num_classes=2, image_size=self.data.image_size,
+                PUBLISHED["DARTS_V2"], d.dataset if known else "custom",
+                channels=r.proxy_channels if proxy else r.channels,
+                layers=r.proxy_layers if proxy else r.layers, auxiliary=auxiliary,
+                num_classes=None if known else 2, image_size=None if known else d.image_size,
             )  # fmt: skip
         except ValueError as err:
-            _fail("retrain.auxiliary", r.auxiliary, f"the proxy network: {err}")
+            if auxiliary and "auxiliary" in str(err):
+                _fail(
+                    "retrain.auxiliary",
+                    r.auxiliary,
+                    f"{what} at data.image_size {d.image_size}: {err}; "
+                    "set retrain.auxiliary: false",
+                )
+            _fail("data.image_size", d.image_size, f"{what}: {err}")
 
     def _check_workers(self) -> None:
         workers = self.tune.workers()
@@ -618,6 +684,8 @@ class Config:
 
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+#: longest experiment / run name: a directory name, with room for Tune's own suffixes
+MAX_NAME = 200
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
@@ -803,6 +871,8 @@ def load_config(
             raise ConfigError(f"config file {str(path)!r} does not exist")
         try:
             data = yaml.safe_load(path.read_text())
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {str(path)!r} is not a text (UTF-8) file") from None
         except yaml.YAMLError as err:
             raise ConfigError(
                 f"config file {str(path)!r} is not valid YAML: {yaml_problem(err)}"

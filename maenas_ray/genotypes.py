@@ -45,12 +45,25 @@ def _flat(prefix: str, tree: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _ranks(exp: Experiment) -> dict[str, int]:
+    """Trial id -> rank by the sweep's objective (1 = best), as the leaderboard ranks."""
+    try:
+        return {t.trial_id: i for i, (_, _, t) in enumerate(exp.best(len(exp.trials())), 1)}
+    except ExperimentError:  # nothing scored yet
+        return {}
+
+
 def trial_rows(exp: Experiment) -> list[dict[str, Any]]:
-    """One flat row per trial: id, status, tuned parameters, final numeric metrics,
-    genotype JSON, error and directory."""
+    """One flat row per trial: id, rank by the objective (None: no score yet, or errored),
+    status, tuned parameters, final numeric metrics, genotype JSON, error and directory."""
     rows = []
+    ranks = _ranks(exp)
     for t in exp.trials():
-        row: dict[str, Any] = {"trial_id": t.trial_id, "status": t.status}
+        row: dict[str, Any] = {
+            "trial_id": t.trial_id,
+            "rank": ranks.get(t.trial_id),
+            "status": t.status,
+        }
         row.update(_flat("param.", t.params))
         row.update(
             {

@@ -24,9 +24,9 @@ from maenas_ray.cli import (
     UsageError,
     add_ray_arguments,
     config_overrides,
-    connect_ray,
+    connected_ray,
 )
-from maenas_ray.config import Config, ConfigError, load_config
+from maenas_ray.config import MAX_NAME, Config, ConfigError, load_config
 from maenas_ray.results import RETRAINS_DIR
 from maenas_ray.space import PUBLISHED, Genotype
 
@@ -139,7 +139,12 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError("--name names one run; leave it out with --top > 1")
         if args.name and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", args.name):
             raise UsageError(f"--name {args.name!r}: letters, digits, '.', '_' and '-' only")
+        if args.name and len(args.name) > MAX_NAME:
+            raise UsageError(f"--name {args.name!r}: at most {MAX_NAME} characters")
 
+        cfg.check_retrain()
+        if not args.address:
+            check_local_gpus(cfg)
         storage = resolve_storage(cfg.storage_path)
         check_writable(storage)
     except (ConfigError, UsageError, StorageError) as err:
@@ -148,47 +153,75 @@ def main(argv: list[str] | None = None) -> int:
     return _run(args, cfg, storage, jobs)
 
 
+def gpu_shortage(cfg: Config, available: float, where: str) -> str | None:
+    """Why ``retrain.use_gpu`` cannot be served by ``available`` GPUs (one per worker), or
+    None. Ray would otherwise wait for them for ever."""
+    r = cfg.retrain
+    if not r.use_gpu or available >= r.num_workers:
+        return None
+    return (
+        f"retrain.use_gpu = true needs {r.num_workers} GPU(s), one per worker "
+        f"(retrain.num_workers = {r.num_workers}); {where} has {available:g}: "
+        "leave out --use-gpu to retrain on CPUs"
+    )
+
+
+def check_local_gpus(cfg: Config) -> None:
+    """Before a local Ray starts: this machine has the GPUs ``retrain.use_gpu`` asks for."""
+    if cfg.retrain.use_gpu:
+        import torch
+
+        problem = gpu_shortage(cfg, torch.cuda.device_count(), "this machine")
+        if problem:
+            raise UsageError(problem)
+
+
 def _run(args: argparse.Namespace, cfg: Config, storage, jobs: list[Job]) -> int:
     import ray
 
     from maenas_ray.orchestration.experiment import StorageError, check_shared_storage
-    from maenas_ray.orchestration.retrain_job import retrain_trainer
 
-    if not connect_ray(args):
-        return 2
-    failed = 0
-    try:
+    with connected_ray(args) as connected:
+        if not connected:
+            return 2
+        problem = gpu_shortage(cfg, ray.cluster_resources().get("GPU", 0.0), "the Ray cluster")
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
         try:
             check_shared_storage(storage)
         except StorageError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-        for job in jobs:
-            label, genotype = job.label, job.genotype
-            name = args.name or f"retrain-{label}-{genotype_id(genotype)}"
-            run = storage.experiment(name)
-            print(f"retraining {label} -> {run.uri}\n  {genotype!r}", flush=True)
-            trainer = retrain_trainer(
-                cfg, genotype, storage_path=storage.path, name=name, filesystem=storage.fs
-            )
-            try:
-                result = trainer.fit()
-            except Exception as err:  # the job's error, named; the other jobs go on
-                print(f"error: retraining {label} failed: {err}", file=sys.stderr)
-                failed += 1
-                continue
-            m = result.metrics or {}
-            record_retrain(job, m)
-            print(
-                f"{label}: {m.get('parameters', 0):,} parameters, "
-                f"{m.get('macs', 0) / 1e6:.1f}M multiply-adds, epoch {m.get('epoch')}: "
-                f"top-1 {m.get('top1', float('nan')):.4f}, top-5 {m.get('top5', float('nan')):.4f}",
-                flush=True,
-            )
-    finally:
-        if not args.address:
-            ray.shutdown()
+        failed = sum(not _retrain(args, cfg, storage, job) for job in jobs)
     return 1 if failed else 0
+
+
+def _retrain(args: argparse.Namespace, cfg: Config, storage, job: Job) -> bool:
+    """One retraining as a Ray Train job; False (error printed) when it failed."""
+    from maenas_ray.orchestration.retrain_job import retrain_trainer
+
+    label, genotype = job.label, job.genotype
+    name = args.name or f"retrain-{label}-{genotype_id(genotype)}"
+    run = storage.experiment(name)
+    print(f"retraining {label} -> {run.uri}\n  {genotype!r}", flush=True)
+    trainer = retrain_trainer(
+        cfg, genotype, storage_path=storage.path, name=name, filesystem=storage.fs
+    )
+    try:
+        result = trainer.fit()
+    except Exception as err:  # the job's error, named; the other jobs go on
+        print(f"error: retraining {label} failed: {err}", file=sys.stderr)
+        return False
+    m = result.metrics or {}
+    record_retrain(job, m)
+    print(
+        f"{label}: {m.get('parameters', 0):,} parameters, "
+        f"{m.get('macs', 0) / 1e6:.1f}M multiply-adds, epoch {m.get('epoch')}: "
+        f"top-1 {m.get('top1', float('nan')):.4f}, top-5 {m.get('top5', float('nan')):.4f}",
+        flush=True,
+    )
+    return True
 
 
 if __name__ == "__main__":

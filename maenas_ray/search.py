@@ -72,6 +72,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     out = args.out or Path("runs") / time.strftime("search-%Y%m%d-%H%M%S")
+    blocked = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        print(
+            f"error: --out {str(out)!r}: {str(blocked)!r} is a file, not a directory",
+            file=sys.stderr,
+        )
+        return 2
     checkpoint = out / "checkpoint" / CHECKPOINT_FILE
     if args.resume and not checkpoint.is_file():
         print(f"error: --resume: no checkpoint at {checkpoint}", file=sys.stderr)

@@ -3,9 +3,12 @@ all through ``pyarrow.fs`` (no Ray needed)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 import pyarrow
 import pyarrow.fs
@@ -72,3 +75,128 @@ def check_writable(storage: Storage, key: str = "storage_path") -> None:
         storage.fs.delete_file(probe)
     except (OSError, pyarrow.ArrowException) as err:
         raise StorageError(f"{key} = {storage.uri!r}: cannot write there ({err})") from None
+
+
+class _WholeFile(io.RawIOBase):
+    """A file written under a temporary name beside ``path`` and moved onto ``path`` when
+    it is closed complete; a write that fails (a full disk) removes the temporary file, so
+    the copy at ``path`` from before stays as it was."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        folder, name = os.path.split(path)
+        self.path, self.tmp = path, os.path.join(folder, f".{name}.part-{uuid.uuid4().hex[:8]}")
+        self.file = open(self.tmp, "wb")  # noqa: SIM115 - closed in close()
+        self.failed = False
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.file.write(data)
+        except BaseException:
+            self.failed = True
+            raise
+
+    def flush(self) -> None:
+        if not self.file.closed:
+            try:
+                self.file.flush()
+            except BaseException:
+                self.failed = True
+                raise
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            if not self.failed:
+                self.file.flush()
+                os.fsync(self.file.fileno())
+        except BaseException:
+            self.failed = True
+            raise
+        finally:
+            try:
+                self.file.close()
+            except OSError:
+                self.failed = True
+            if self.failed:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.tmp)
+            else:
+                os.replace(self.tmp, self.path)
+            super().close()
+
+
+class WholeFiles(pyarrow.fs.FileSystemHandler):
+    """The local filesystem, except that every file is written whole or not at all
+    (:class:`_WholeFile`): Ray Tune's experiment state, the trials' results and their
+    checkpoints, written through it, keep their last complete copy when the disk fills up
+    or the writer is killed. (Object stores, s3:// and gs://, are whole-or-nothing already.)
+    """
+
+    def __init__(self) -> None:
+        self.fs = pyarrow.fs.LocalFileSystem()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, WholeFiles)
+
+    def __hash__(self) -> int:
+        return hash(WholeFiles)
+
+    def get_type_name(self) -> str:
+        return "local-whole-files"
+
+    def normalize_path(self, path: str) -> str:
+        return self.fs.normalize_path(path)
+
+    def get_file_info(self, paths: list[str]) -> list[pyarrow.fs.FileInfo]:
+        return self.fs.get_file_info(paths)
+
+    def get_file_info_selector(self, selector: pyarrow.fs.FileSelector) -> list:
+        return self.fs.get_file_info(selector)
+
+    def create_dir(self, path: str, recursive: bool) -> None:
+        self.fs.create_dir(path, recursive=recursive)
+
+    def delete_dir(self, path: str) -> None:
+        self.fs.delete_dir(path)
+
+    def delete_dir_contents(self, path: str, missing_dir_ok: bool = False) -> None:
+        self.fs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
+
+    def delete_root_dir_contents(self) -> None:
+        raise OSError("refusing to delete the contents of the root directory")
+
+    def delete_file(self, path: str) -> None:
+        self.fs.delete_file(path)
+
+    def move(self, src: str, dest: str) -> None:
+        self.fs.move(src, dest)
+
+    def copy_file(self, src: str, dest: str) -> None:
+        with self.fs.open_input_stream(src) as source, self.open_output_stream(dest, None) as f:
+            while chunk := source.read(1 << 20):
+                f.write(chunk)
+
+    def open_input_stream(self, path: str) -> pyarrow.NativeFile:
+        return self.fs.open_input_stream(path)
+
+    def open_input_file(self, path: str) -> pyarrow.NativeFile:
+        return self.fs.open_input_file(path)
+
+    def open_output_stream(self, path: str, metadata: Any) -> pyarrow.NativeFile:
+        return pyarrow.PythonFile(_WholeFile(path), mode="w")
+
+    def open_append_stream(self, path: str, metadata: Any) -> pyarrow.NativeFile:
+        return self.fs.open_append_stream(path, metadata=metadata)
+
+
+def tune_filesystem(storage: Storage) -> pyarrow.fs.FileSystem:
+    """The filesystem Ray Tune writes ``storage`` through: whole files on a local (or
+    NFS) directory (:class:`WholeFiles`), the storage's own otherwise."""
+    if storage.is_local:
+        return pyarrow.fs.PyFileSystem(WholeFiles())
+    return storage.fs

@@ -10,11 +10,18 @@ The config is checked, and the storage path tried, before Ray starts.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import errno
+import logging
 import os
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -23,11 +30,11 @@ from maenas_ray.cli import (
     UsageError,
     add_ray_arguments,
     config_overrides,
-    connect_ray,
+    connected_ray,
 )
 from maenas_ray.config import Config, ConfigError, load_config
 from maenas_ray.lock import LockError, SweepLock
-from maenas_ray.results import STUDY_JOURNAL, ExperimentError, load_experiment
+from maenas_ray.results import CONFIG_FILE, STUDY_JOURNAL, ExperimentError, load_experiment
 from maenas_ray.storage import Storage, StorageError
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "tune_configs" / "quickstart.yaml"
@@ -143,10 +150,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, cfg: Config, storage, name: str) -> int:
-    import ray
-
-    from maenas_ray.orchestration import experiment as ex
-
     exp = storage.experiment(name)
     lock = SweepLock(exp)
     if args.resume:  # refused before Ray starts when the sweep is still running
@@ -155,40 +158,145 @@ def _run(args: argparse.Namespace, cfg: Config, storage, name: str) -> int:
         except LockError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-    if not connect_ray(args):
-        lock.release()
-        return 2
-    try:
-        ex.check_shared_storage(storage)
-        if args.resume:
-            print(f"resuming {exp.uri}", flush=True)
-            tuner = ex.restore_tuner(cfg, exp)
-        else:
-            concurrency = ex.max_concurrent(cfg, ray.cluster_resources())
-            exp.fs.create_dir(exp.path, recursive=True)
-            lock.acquire()  # a sweep of the same name that started meanwhile holds it
-            if exp.exists(ex.CONFIG_FILE):  # ... or one that has already come and gone
-                raise LockError(f"experiment {exp.uri} was created meanwhile by another sweep")
-            exp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), ex.CONFIG_FILE)
+    with connected_ray(args) as connected:
+        if not connected:
+            lock.release()
+            return 2
+        try:
+            outcome = _fit(args.resume, cfg, storage, name, lock)
+        except (ConfigError, StorageError, LockError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        except Exception as err:  # a trial's or the driver's own write on a full disk
+            if not _no_space(err):
+                raise
             print(
-                f"sweep {name}: {cfg.tune.num_samples} trials, at most {concurrency} at once, "
-                f"objective {cfg.objective.metric} ({cfg.objective.resolved_mode()}) -> {exp.uri}",
-                flush=True,
+                f"error: no space left on {exp.uri}: the sweep stopped (its state as last "
+                f"saved whole is kept); free space and run {resume_command(exp, name)}",
+                file=sys.stderr,
             )
-            tuner = ex.build_tuner(cfg, storage, name, concurrency)
-        results = tuner.fit()
-    except (ConfigError, StorageError, LockError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    finally:
-        lock.release()
-        if not args.address:
-            ray.shutdown()
+            return 1
+        finally:
+            lock.release()
+    results, interrupted = outcome
+    if interrupted or len(results) < cfg.tune.num_samples:
+        # Ctrl-C (or Tune's SIGUSR1): Tune saved its state and stopped the running trials
+        trials = load_experiment(exp.uri).trials() if exp.exists(CONFIG_FILE) else []
+        done = sum(t.status != "unfinished" for t in trials)
+        print(
+            f"\nthe sweep was interrupted: {done} of {cfg.tune.num_samples} trials finished, "
+            f"{len(trials) - done} unfinished, {cfg.tune.num_samples - len(trials)} not "
+            f"started. Continue it with:\n  {resume_command(exp, name)}",
+            flush=True,
+        )
+        _summary(cfg, exp, results.errors, partial=True)
+        return INTERRUPTED
     return _summary(cfg, exp, results.errors)
 
 
-def _summary(cfg: Config, exp: Storage, errors: list) -> int:
-    """The leaderboard, the best genotype and where things are, read back from storage."""
+def _no_space(err: BaseException | None) -> bool:
+    """Whether ``err`` is, or was raised while handling, a full disk (Ray Tune reports an
+    error of its callbacks as a ``TuneError`` raised while handling it)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            return True
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _fit(
+    resume: bool, cfg: Config, storage: Storage, name: str, lock: SweepLock
+) -> tuple[Any, bool]:
+    """Restore or build the Tuner in the connected Ray and run it; its ResultGrid, and
+    whether Ctrl-C stopped it."""
+    import ray
+
+    from maenas_ray.orchestration import experiment as ex
+
+    exp = storage.experiment(name)
+    ex.check_shared_storage(storage)
+    if resume:
+        print(f"resuming {exp.uri}", flush=True)
+        tuner = ex.restore_tuner(cfg, exp)
+    else:
+        concurrency = ex.max_concurrent(cfg, ray.cluster_resources())
+        exp.fs.create_dir(exp.path, recursive=True)
+        lock.acquire()  # a sweep of the same name that started meanwhile holds it
+        if exp.exists(ex.CONFIG_FILE):  # ... or one that has already come and gone
+            raise LockError(f"experiment {exp.uri} was created meanwhile by another sweep")
+        exp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), ex.CONFIG_FILE)
+        print(
+            f"sweep {name}: {cfg.tune.num_samples} trials, at most {concurrency} at once, "
+            f"objective {cfg.objective.metric} ({cfg.objective.resolved_mode()}) -> {exp.uri}",
+            flush=True,
+        )
+        tuner = ex.build_tuner(cfg, storage, name, concurrency)
+    with _tune_output() as interrupted:
+        results = tuner.fit()
+    return results, interrupted.is_set()
+
+
+#: Exit status of an interrupted sweep (128 + SIGINT, as a shell reports Ctrl-C).
+INTERRUPTED = 130
+
+
+def resume_command(exp: Storage, name: str) -> str:
+    """The command that continues the sweep in ``exp``."""
+    storage = exp.uri.rstrip("/").rsplit("/", 1)[0]
+    return f"python -m maenas_ray.sweep --resume --name {name} --storage-path {storage}"
+
+
+class _DropRestoreHint(logging.Filter):
+    """Ray Tune's own advice after an interruption (``Tuner.restore(...)``): this project's
+    ``--resume`` is the way to continue a sweep."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tuner.restore(" not in record.getMessage()
+
+
+#: Tune's switch between its newer output and the classic one; only the classic one takes
+#: the sweep's own progress table (``experiment.progress_table``).
+TUNE_OUTPUT_ENV = "RAY_AIR_NEW_OUTPUT"
+#: Tune's switch for its own Ctrl-C handler, which the sweep replaces (``_tune_output``).
+TUNE_SIGINT_ENV = "TUNE_DISABLE_SIGINT_HANDLER"
+
+
+@contextlib.contextmanager
+def _tune_output() -> Iterator[threading.Event]:
+    """Tune's output for a sweep (the project's progress table, without Tune's restore
+    hint) and its Ctrl-C: the event it yields is set when Ctrl-C stopped the sweep. The
+    first Ctrl-C asks Tune to stop as its SIGUSR1 does (it saves its state and returns);
+    a second one stops at once."""
+    log, hint = logging.getLogger("ray.tune.tune"), _DropRestoreHint()
+    log.addFilter(hint)
+    interrupted = threading.Event()
+
+    def ctrl_c(signum: int, frame: Any) -> None:
+        interrupted.set()
+        signal.signal(signal.SIGINT, previous)
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    env = {TUNE_OUTPUT_ENV: "0", TUNE_SIGINT_ENV: "1"}
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    previous = signal.signal(signal.SIGINT, ctrl_c)
+    try:
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        log.removeFilter(hint)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _summary(cfg: Config, exp: Storage, errors: list, partial: bool = False) -> int:
+    """The leaderboard, the best genotype and where things are, read back from storage;
+    ``partial``: the sweep was interrupted, and the leaderboard says so."""
     from maenas_ray.genotypes import leaderboard
 
     try:
@@ -197,13 +305,17 @@ def _summary(cfg: Config, exp: Storage, errors: list) -> int:
         print(f"error: cannot read the results back from {exp.uri}: {err}", file=sys.stderr)
         return 1
     print()
+    if partial:
+        print("partial leaderboard (the sweep was interrupted; unfinished trials rank on their "
+              "last report):")  # fmt: skip
     print(leaderboard(experiment))
     try:
         ((genotype, score, trial),) = experiment.best()
     except ExperimentError:
         pass  # no trial has a score yet: the table says so
     else:
-        print(f"\nbest genotype ({cfg.objective.metric} = {score:.4g}, trial {trial.trial_id}):")
+        best = "best genotype so far" if partial else "best genotype"
+        print(f"\n{best} ({cfg.objective.metric} = {score:.4g}, trial {trial.trial_id}):")
         print(repr(genotype))
     print(f"\nexperiment: {exp.uri}  (trial directories hold genotype.json and pictures)")
     if exp.is_local and cfg.tune.study_storage is None:

@@ -41,6 +41,23 @@ CASES = [
      r"unknown key 'search.mask_rate'; allowed keys here: channels, .*mask_ratio"),
     ("sweep", ["--set", "tune.num_samples=0"], r"tune.num_samples = 0: must be a positive"),
     ("sweep", ["--set", "search.lr=.inf"], r"search.lr = inf: expected a finite number"),
+    ("sweep", ["--set", "data.num_images=1"],
+     r"data.num_images = 1: the W-split would hold 0 images \(data.train_portion 0.5\), fewer "
+     r"than search.batch_size \(32\)"),
+    ("sweep", ["--set", "retrain.batch_size=5000"],
+     r"data.num_images = 5120: the proxy retrain would train on 4608 images, fewer than "
+     r"retrain.batch_size \(5000\)"),
+    ("sweep", ["--name", "n" * 300], r"name = 'nnnn.*': at most 200 characters"),
+    ("sweep", ["--config", "{tmp}/binary.yaml"],
+     r"config file '.*/binary.yaml' is not a text \(UTF-8\) file"),
+    ("sweep", ["--num-cpus", "0"], r"--num-cpus 0: must be >= 1"),
+    ("sweep", ["--address", "127.0.0.1:1"],
+     r"cannot reach the Ray cluster at --address 127.0.0.1:1: Connection refused"),
+    ("retrain", ["--genotype", "DARTS_V2", "--address", "127.0.0.1:1"],
+     r"cannot reach the Ray cluster at --address 127.0.0.1:1: Connection refused"),
+    ("search", ["--out", "{tmp}/a-file"], r"--out '.*/a-file': '.*/a-file' is a file, not a dir"),
+    ("search", ["--out", "{tmp}/a-file/sub"],
+     r"--out '.*/a-file/sub': '.*/a-file' is a file, not a directory"),
     ("sweep", ["--set", "search.arch_lr=.nan"], r"search.arch_lr = nan: expected a finite"),
     ("sweep", ["--set", "search.mask_rato=0.5"],
      r"unknown key 'search.mask_rato'; allowed keys here: .*; did you mean 'mask_ratio'\?"),
@@ -92,6 +109,15 @@ CASES = [
     ("retrain", ["--genotype", "DARTS_V2", "--set", "retrain.epochs=-3"],
      r"retrain.epochs = -3: must be a positive integer"),
     ("retrain", ["--experiment", "{tmp}/nothing"], r"'.*/nothing' is not a directory"),
+    # checked before Ray starts: the GPUs asked for, the network against the image size
+    ("retrain", ["--genotype", "DARTS_V2", "--use-gpu", "--num-workers", "32"],
+     r"retrain.use_gpu = true needs 32 GPU\(s\), one per worker \(retrain.num_workers = 32\); "
+     r"this machine has \d+: leave out --use-gpu"),
+    ("retrain", ["--genotype", "DARTS_V2", "--set", "data.image_size=16"],
+     r"retrain.auxiliary = True: the retrain network at data.image_size 16: .*auxiliary head "
+     r"needs a larger input .*; set retrain.auxiliary: false"),
+    ("retrain", ["--genotype", "DARTS_V2", "--num-workers", "5"],
+     r"retrain.batch_size = 96: must be divisible by retrain.num_workers \(5\)"),
     ("genotypes", ["{tmp}/nothing"], r"'.*/nothing' is not a directory \(expected a sweep"),
     ("report", ["{tmp}", "--top", "0"], r"--top 0: must be >= 1"),
 ]  # fmt: skip
@@ -104,6 +130,7 @@ def _ids(case):
 @pytest.mark.parametrize(("cli", "args", "message"), CASES, ids=[_ids(c) for c in CASES])
 def test_bad_input_gives_one_clear_line_and_leaves_nothing(tmp_path, capsys, cli, args, message):
     (tmp_path / "broken.yaml").write_text("search: [epochs\n")
+    (tmp_path / "binary.yaml").write_bytes(bytes(range(256)) * 4)
     (tmp_path / "a-file").write_text("not a directory")
     (tmp_path / "truncated.json").write_text(json.dumps(V2)[:40])
     bad_op = {**V2, "normal": [["conv_9x9", 0], *V2["normal"][1:]]}

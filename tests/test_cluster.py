@@ -145,8 +145,11 @@ def test_a_sweep_spreads_trials_over_worker_nodes_into_one_shared_directory(
     assert [t.status for t in exp.trials()] == ["done", "done"]
     assert genotypes([str(store / "mn"), "--top", "2"]) == 0
     assert len(capsys.readouterr().out.strip().splitlines()) == 2
-    # the shared-storage check the sweep passed: every node sees the directory (one
-    # machine), while a path that no node has is reported for all three
+    # the sweep left the cluster (it joined with --address); the shared-storage check it
+    # passed: every node sees the directory (one machine), while a path that no node has is
+    # reported for all three
+    assert not ray.is_initialized()
+    ray.init(address=cluster.address)
     ex.check_shared_storage(resolve_storage(str(store)))
     assert len(ex.nodes_missing(str(tmp_path / "nowhere"))) == 3
 

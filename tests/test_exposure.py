@@ -1,22 +1,25 @@
-"""What the sweep exposes on the network: the Ray it starts has its dashboard on localhost
-only, and token authentication on."""
+"""What the sweep exposes on the network: the Ray it starts listens on the loopback
+interface only (dashboard, GCS, raylet, workers and the Prometheus metrics endpoints), and
+its dashboard asks for the token. The test connects to this machine's own addresses only."""
 
 import os
+import shutil
 import socket
+import subprocess
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 import ray
 
-from maenas_ray.orchestration.experiment import start_ray
+from maenas_ray.orchestration.experiment import ray_session
 
 
 @pytest.fixture
 def local_ray():
-    url = start_ray(None, 2, True)  # as `python -m maenas_ray.sweep` starts it
-    yield url
-    ray.shutdown()
+    with ray_session(None, 2, True) as url:  # as `python -m maenas_ray.sweep` starts it
+        yield url
 
 
 def _get(url: str, headers: dict[str, str] | None = None) -> int:
@@ -43,3 +46,48 @@ def test_the_dashboard_is_on_localhost_and_asks_for_the_token(local_ray):
         with socket.socket() as s, pytest.raises(OSError):
             s.settimeout(5)
             s.connect((ip, port))
+
+
+def _descendants(pid: int) -> set[int]:
+    """``pid`` and every process below it (from /proc)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = {pid}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        children = [p for p, pp in parents.items() if pp == parent and p not in found]
+        found.update(children)
+        frontier.extend(children)
+    return found
+
+
+@pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2)")
+def test_every_server_of_the_local_ray_listens_on_loopback_only(local_ray):
+    ours = _descendants(os.getpid())
+    listening = []
+    for line in subprocess.run(
+        ["ss", "-ltnpH"], capture_output=True, text=True
+    ).stdout.splitlines():
+        fields = line.split()
+        pids = {int(p.split("=")[1]) for p in fields[-1].split(",") if p.startswith("pid=")}
+        if pids & ours:
+            listening.append((fields[3], fields[-1]))
+    assert len(listening) >= 5, listening  # GCS, raylet, dashboard, agent, metrics at least
+    exposed = [
+        (address, who) for address, who in listening
+        if not address.rsplit(":", 1)[0].strip("[]").removeprefix("::ffff:").startswith("127.")
+    ]  # fmt: skip
+    assert exposed == [], exposed
+    # and nothing answers on the machine's own network address
+    ip = subprocess.run(["hostname", "-I"], capture_output=True, text=True).stdout.split()
+    ports = [int(address.rsplit(":", 1)[1]) for address, _ in listening]
+    for address in [a for a in ip if ":" not in a and not a.startswith("127.")][:1]:
+        for port in ports:
+            with socket.socket() as s, pytest.raises(OSError):
+                s.settimeout(2)
+                s.connect((address, port))

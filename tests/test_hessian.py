@@ -131,9 +131,8 @@ def cosine(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return float(F.cosine_similarity(x, y, dim=0))
 
 
-def test_under_bf16_the_alpha_gradients_agree_with_fp32():
-    # the same state, batches and masks under precision bf16 and fp32: the α gradient
-    # (first and second order) runs in full fp32 either way, as the weight step does not
+def test_under_bf16_the_second_order_alpha_gradient_is_exact():
+    # the same state, batches and masks under precision bf16 and fp32
     from maenas_ray.engines.search import autocast_for
 
     def cosines(unrolled: bool) -> float:
@@ -147,8 +146,11 @@ def test_under_bf16_the_alpha_gradients_agree_with_fp32():
         return cosine(loop.alpha_gradients(x_a, mask_a, x_w, mask_w)[0], fp32)
 
     first, second = cosines(False), cosines(True)
-    assert second >= first - 1e-6
-    assert second > 0.9999 and first > 0.9999
+    # the second order (finite differences, Hessian products) is exact; the first-order
+    # gradient follows search.precision like the weight step (docs/performance.md: under
+    # bf16 it moves by a tenth of what the next batch moves it)
+    assert second > 0.9999
+    assert 0.9 < first < 0.9999
 
     # what the second-order step gives when its passes do run under bf16 autocast: the
     # finite-difference product is lost in bf16's rounding (why it runs in fp32)

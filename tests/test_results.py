@@ -126,6 +126,7 @@ def test_formats(tmp_path, capsys):
     data = pq.read_table(tmp_path / "t.parquet").to_pylist()
     assert [r["trial_id"] for r in data] == ["a", "b"]
     assert data[1]["metric.eval_loss"] == 0.2 and data[1]["param.search.mask_ratio"] == 0.5
+    assert [r["rank"] for r in data] == [2, 1]  # the objective's order (eval_loss: min)
 
 
 def test_a_search_stopped_early_on_collapse_is_a_finished_trial():

@@ -106,6 +106,23 @@ def test_search_domains_cover_the_configured_ranges(tmp_path):
     assert all(abs(v / 0.05 - round(v / 0.05)) < 1e-6 for v in (q.sample() for _ in range(50)))
 
 
+@pytest.mark.parametrize("name", ["tpe", "random", "qmc"])
+def test_stepped_values_are_suggested_and_stored_on_their_grid(name):
+    from maenas_ray.orchestration.sampling import decimals
+
+    assert [decimals(x) for x in (0.05, 1e-3, 2.0, 0.3, 12.5)] == [2, 3, 0, 1, 1]
+    cfg = load_config(None, [f"tune.sampler={name}"], sweep=True)
+    study = optuna.create_study(sampler=ex.sampler(cfg))
+    for _ in range(40):
+        trial = study.ask()
+        trial.suggest_float("search/mask_ratio", 0.3, 0.8, step=0.05)
+        study.tell(trial, 0.0)
+    values = [t.params["search/mask_ratio"] for t in study.trials]  # as Optuna stored them
+    assert len(set(values)) > 3 and all(v == round(v, 2) for v in values), values
+    # without the rounding Optuna stores 0.3 + 6 * 0.05 = 0.6000000000000001
+    assert 0.3 + 6 * 0.05 != 0.6
+
+
 @pytest.mark.parametrize("name", ["tpe", "random", "qmc", "gp", "grid"])
 def test_every_sampler_suggests_points_of_the_space(name):
     overrides = [f"tune.sampler={name}"]
@@ -309,6 +326,38 @@ def _results(experiment: Path) -> ray.tune.ResultGrid:
     return ray.tune.Tuner.restore(str(experiment), ex.trainable(cfg)).get_results()
 
 
+def _serves_the_study(command: list[str], name: str) -> None:
+    """Run a printed ``optuna-dashboard <journal>`` on a free port: it serves the study."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    bin_dir = Path(sys.executable).parent  # the environment the project was installed in
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    server = subprocess.Popen(
+        [*command, "--host", "127.0.0.1", "--port", str(port)], env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                url = f"http://127.0.0.1:{port}/api/studies"
+                with urllib.request.urlopen(url, timeout=5) as r:
+                    studies = json.loads(r.read())["study_summaries"]
+                break
+            except OSError:
+                assert server.poll() is None, "optuna-dashboard exited"
+                assert time.monotonic() < deadline, "optuna-dashboard did not answer in 60 s"
+                time.sleep(0.5)
+        assert [s["study_name"] for s in studies] == [name]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
 def test_sweep_runs_trials_that_open_with_tune_and_optuna(tmp_path, capsys):
     config = write_config(tmp_path)
     store = tmp_path / "store"
@@ -324,6 +373,10 @@ def test_sweep_runs_trials_that_open_with_tune_and_optuna(tmp_path, capsys):
     study = _study(experiment, "it")
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 3
     assert sorted(t.value for t in study.trials) == sorted(r.metrics["eval_loss"] for r in results)
+    assert study.metric_names == ["eval_loss"]  # the dashboard names the objective
+    # the dashboard command the sweep prints works as printed (here on a free port)
+    (command,) = re.findall(r"^Optuna study: (optuna-dashboard \S+)$", out, re.M)
+    _serves_the_study(command.split(), "it")
     for result in results:
         trial = Path(result.path)
         assert trial.parent == experiment and trial.name.startswith("trial_")
@@ -376,14 +429,15 @@ def test_sweep_runs_trials_that_open_with_tune_and_optuna(tmp_path, capsys):
     assert "from the sweep&#x27;s Optuna study: 3 completed trials" in page
     figures = re.findall(r'<img src="([^"]+)"', page)
     best_id = trial.trial_id
-    assert figures[:4] == [
-        "objective_vs_params.png", "history.png", "importances.png", "skips_vs_mask_ratio.png"
-    ]  # fmt: skip
-    assert figures[4:6] == [
+    assert figures[:5] == [
+        "objective_vs_params.png", "history.png", "importances.png", "skips_vs_mask_ratio.png",
+        "collapse_over_time.png",
+    ]  # fmt: skip  (no score-vs-accuracy scatter: an eval_loss sweep has no accuracy)
+    assert figures[5:7] == [
         f"best/1-trial_{best_id}-cells.png",
         f"best/1-trial_{best_id}-reconstruction.png",
     ]
-    assert len(figures) == 8 and all((experiment / "report" / f).stat().st_size for f in figures)
+    assert len(figures) == 9 and all((experiment / "report" / f).stat().st_size for f in figures)
     study_copy = exp.study()
     assert [t.value for t in study_copy.trials] == [t.value for t in study.trials]
 
@@ -439,7 +493,9 @@ def test_scratch_directories_no_process_holds_are_removed(tmp_path, monkeypatch)
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     with scratch("artifacts") as mine:  # in use (held by this process)
-        assert Path(mine).name.startswith(f"maenas-artifacts-{os.getpid()}-")
+        held = Path(mine).parent  # mine: a clean sub-directory, without the lock file
+        assert held.name.startswith(f"maenas-artifacts-{os.getpid()}-")
+        assert Path(mine).name == "artifacts" and list(Path(mine).iterdir()) == []
         for name in ("maenas-ckpt-123-left", "maenas-load-456-left"):  # left by killed ones
             (tmp_path / name).mkdir()
             (tmp_path / name / ".in-use").write_text("")
@@ -451,9 +507,9 @@ def test_scratch_directories_no_process_holds_are_removed(tmp_path, monkeypatch)
             "maenas-ckpt-123-left", "maenas-load-456-left"
         ]  # fmt: skip
         assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-            [Path(mine).name, "maenas-artifacts-789-new", "unrelated"]
+            [held.name, "maenas-artifacts-789-new", "unrelated"]
         )  # fmt: skip
-    assert not Path(mine).exists()  # removed on exit, as a TemporaryDirectory is
+    assert not held.exists()  # removed on exit, as a TemporaryDirectory is
 
 
 def _scratch_of(pid: int) -> list[str]:

@@ -15,7 +15,6 @@ from maenas_ray.engines.search import (
     resolve_device,
     run_search,
     save_search_state,
-    search_finished,
     unrolled_arch_gradients,
 )
 
@@ -39,6 +38,5 @@ __all__ = [
     "resolve_device",
     "run_search",
     "save_search_state",
-    "search_finished",
     "unrolled_arch_gradients",
 ]

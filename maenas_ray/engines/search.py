@@ -234,12 +234,6 @@ def load_search_state(path: str | Path) -> dict[str, Any]:
     return load_state(path, CHECKPOINT_FILE, CHECKPOINT_FORMAT, "search", STATE_KEYS)
 
 
-def search_finished(state: dict[str, Any], epochs: int) -> bool:
-    """Whether the search of a checkpoint is over: all ``epochs`` run, or stopped early."""
-    history = json.loads(state["history"])
-    return int(state["epoch"]) >= epochs or bool(history and history[-1].get("stopped_early"))
-
-
 def unrolled_arch_gradients(
     model: nn.Module,
     arch_names: Sequence[str],
@@ -622,8 +616,8 @@ class SearchLoop:
             if "hessian_eigenvalue" in m
         ]
         stop = collapse_stop(measured, self.epoch, s.early_stop_window, s.early_stop_ratio)
-        if stop is None:
-            return
+        if stop is None or len(self.arch_trace) < stop[0]:
+            return  # (a search resumed from a checkpoint without the trace cannot go back)
         kept, reason = stop
         with torch.no_grad():
             for a, saved in zip(self.alphas, self.arch_trace[kept - 1], strict=True):

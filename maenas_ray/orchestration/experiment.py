@@ -9,17 +9,24 @@ directory per trial with its checkpoints, Train run, ``genotype.json`` and pictu
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import math
 import os
 import typing
 import uuid
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import optuna
 import ray
 import ray.tune
 import yaml
+from optuna.storages.journal import JournalFileBackend
+from ray._private import ray_constants
 from ray.tune.search.optuna import OptunaSearch
 
 from maenas_ray.config import (
@@ -30,9 +37,21 @@ from maenas_ray.config import (
     config_from_dict,
     numeric_type,
 )
-from maenas_ray.orchestration.search_job import in_trial_process, search_trial, trial_resources
+from maenas_ray.orchestration.sampling import sampler
+from maenas_ray.orchestration.search_job import (
+    STAGE_KEY,
+    in_trial_process,
+    search_trial,
+    trial_resources,
+)
 from maenas_ray.results import CONFIG_FILE, STUDY_JOURNAL
-from maenas_ray.storage import Storage, StorageError, check_writable, resolve_storage
+from maenas_ray.storage import (
+    Storage,
+    StorageError,
+    check_writable,
+    resolve_storage,
+    tune_filesystem,
+)
 
 __all__ = ["Storage", "StorageError", "check_writable", "resolve_storage"]  # re-exported
 
@@ -82,20 +101,6 @@ def prepare(cfg: Config) -> Config:
     return dataclasses.replace(cfg, search=search)
 
 
-def sampler(cfg: Config) -> optuna.samplers.BaseSampler:
-    t = cfg.tune
-    if t.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=t.seed)
-    if t.sampler == "qmc":
-        return optuna.samplers.QMCSampler(seed=t.seed)
-    if t.sampler == "gp":
-        return optuna.samplers.GPSampler(seed=t.seed)
-    if t.sampler == "grid":  # Config.check_sweep: choices only, num_samples = grid size
-        grid = {f"search/{key}": list(spec.choice or ()) for key, spec in cfg.space.items()}
-        return optuna.samplers.GridSampler(grid, seed=t.seed)
-    return optuna.samplers.TPESampler(seed=t.seed)
-
-
 def scheduler(cfg: Config) -> ray.tune.schedulers.TrialScheduler | None:
     """``asha``: stop trials whose objective trails at epoch rungs; ``fifo``: none."""
     t = cfg.tune
@@ -116,9 +121,164 @@ def study_storage(cfg: Config, experiment: Storage) -> Any:
     if not experiment.is_local:
         return None  # in memory; Ray Tune still checkpoints the searcher with the experiment
     from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
 
-    return JournalStorage(JournalFileBackend(experiment.join(STUDY_JOURNAL)))
+    return JournalStorage(WholeLinesJournal(experiment.join(STUDY_JOURNAL)))
+
+
+def repair_journal(path: str) -> int:
+    """Cut a journal file back to its last whole line (a line cut short by a full disk or a
+    kill was never acknowledged to Optuna); returns the bytes removed."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return 0
+    keep = data.rfind(b"\n") + 1
+    if keep < len(data):
+        os.truncate(path, keep)
+    return len(data) - keep
+
+
+class WholeLinesJournal(JournalFileBackend):
+    """Optuna's journal file, whose lines are whole: a cut line left by a crash is removed
+    when it is opened, and an append that fails (a full disk) is taken back, so the next
+    append never lands behind half a line (which Optuna would refuse to read)."""
+
+    def __init__(self, file_path: str) -> None:
+        repair_journal(file_path)
+        super().__init__(file_path)
+
+    def append_logs(self, logs: list[dict[str, Any]]) -> None:
+        try:
+            size = os.path.getsize(self._file_path)
+        except FileNotFoundError:
+            size = 0
+        try:
+            super().append_logs(logs)
+        except OSError:
+            # the sweep's driver is the journal's only writer: nothing was appended since
+            with contextlib.suppress(OSError):
+                os.truncate(self._file_path, size)
+            raise
+
+
+class ConsistentOptunaSearch(OptunaSearch):
+    """``OptunaSearch`` that keeps the study and Ray Tune's own state consistent across a
+    driver that died between writing one and the other (``--resume``):
+
+    - a trial the study has already finished is neither reported nor told again (Optuna
+      would raise ``UpdateFinishedTrialError`` and the resumed sweep could never end);
+    - on restore, a study trial that Tune's state does not know (asked for after Tune last
+      saved its state) is failed as an orphan, and a trial whose directory proves it
+      finished while the study still has it running is told its final value;
+    - the study names its objective (``set_metric_names``), for the Optuna dashboard.
+    """
+
+    def __init__(self, experiment_uri: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._experiment_uri = experiment_uri
+
+    def _setup_study(self, mode: Any) -> None:
+        super()._setup_study(mode)
+        if self._ot_study is not None and isinstance(self._metric, str):
+            with warnings.catch_warnings():  # "experimental" since Optuna 3.2, and stable
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                self._ot_study.set_metric_names([self._metric])
+
+    def _finished(self, trial_id: str) -> bool:
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is None or self._ot_study is None:
+            return False
+        stored = self._ot_study._storage.get_trial(ot_trial._trial_id)
+        return stored.state.is_finished()
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if self._finished(trial_id):
+            return  # reported again after a resume: the study closed it already
+        super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(
+        self, trial_id: str, result: dict | None = None, error: bool = False
+    ) -> None:
+        if self._finished(trial_id):
+            self._completed_trials.add(trial_id)
+            return
+        super().on_trial_complete(trial_id, result, error)
+
+    def restore(self, checkpoint_path: str) -> None:
+        journal = resolve_storage(self._experiment_uri).join(STUDY_JOURNAL)
+        if "://" not in self._experiment_uri:
+            repair_journal(journal)  # before the restored study reads it
+        super().restore(checkpoint_path)
+        self.reconcile()
+
+    def reconcile(self) -> list[str]:
+        """Bring the study in line with Tune's restored state and the trial directories;
+        returns what was changed (one line each, also logged)."""
+        from maenas_ray.results import ExperimentError, load_experiment
+
+        if self._ot_study is None:
+            return []
+        try:
+            trials = {t.trial_id: t for t in load_experiment(self._experiment_uri).trials()}
+        except ExperimentError:
+            trials = {}
+        changes, known = [], set()
+        storage = self._ot_study._storage
+        for trial_id, ot_trial in list(self._ot_trials.items()):
+            stored = storage.get_trial(ot_trial._trial_id)
+            known.add(stored.number)
+            trial = trials.get(trial_id)
+            if stored.state.is_finished() or trial is None or trial.status != "done":
+                continue
+            value = trial.score(self._metric) if isinstance(self._metric, str) else None
+            state = optuna.trial.TrialState.COMPLETE if value is not None else None
+            self._ot_study.tell(ot_trial, value, state=state or optuna.trial.TrialState.FAIL)
+            self._completed_trials.add(trial_id)
+            changes.append(f"study trial {stored.number}: finished as trial {trial_id} did")
+        for stored in self._ot_study.get_trials(
+            deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)
+        ):
+            if stored.number not in known:
+                storage.set_trial_user_attr(
+                    stored._trial_id, "orphan", "asked for after Ray Tune last saved its state"
+                )
+                storage.set_trial_state_values(stored._trial_id, optuna.trial.TrialState.FAIL)
+                changes.append(f"study trial {stored.number}: failed, no Tune trial has it")
+        for change in changes:
+            print(f"resume: {change}", flush=True)
+        return changes
+
+
+class NoSpaceError(OSError):
+    """The sweep's storage is full: the sweep stops with its state as last saved whole,
+    to be resumed once there is space."""
+
+
+def _failed_for_space(trial: Any) -> bool:
+    """Whether the last failure of ``trial`` (its error file, in the driver's own staging
+    directory, which a full storage does not hold) was a full disk."""
+    try:
+        text = Path(trial.error_file).read_text(errors="replace") if trial.error_file else ""
+    except OSError:
+        return False
+    return os.strerror(errno.ENOSPC) in text.rsplit("Failure # ", 1)[-1]
+
+
+class StopWhenFull(ray.tune.Callback):
+    """Stops the sweep at the first trial that failed because the storage is full:
+    retrying it, or starting the next trials, would only fail the same way and spend their
+    ``max_failures``. The failed trial stays unfinished in Tune's state and in the study,
+    and ``--resume`` continues it once there is space."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        if _failed_for_space(trial):
+            raise NoSpaceError(errno.ENOSPC, f"no space left on {self.where}")
+
+    on_trial_error = on_trial_recover
 
 
 def trial_dirname(trial: Any) -> str:
@@ -128,6 +288,7 @@ def trial_dirname(trial: Any) -> str:
 def trainable(cfg: Config) -> Any:
     """The Tune trainable with its resources (``search_job.trial_resources``)."""
     fn = ray.tune.with_parameters(search_trial, base=cfg.to_dict())
+    fn.__name__ = "trial"  # Tune names trials <name>_<id>: "trial_1a2b3c4d", a narrow column
     return ray.tune.with_resources(fn, trial_resources(cfg))
 
 
@@ -164,7 +325,8 @@ def build_tuner(cfg: Config, storage: Storage, name: str, concurrency: int) -> r
     t = cfg.tune
     experiment = storage.experiment(name)
     metric, mode = cfg.objective.metric, cfg.objective.resolved_mode()
-    search_alg = OptunaSearch(
+    search_alg = ConsistentOptunaSearch(
+        experiment.uri,
         metric=metric,
         mode=mode,
         sampler=sampler(cfg),
@@ -188,23 +350,82 @@ def build_tuner(cfg: Config, storage: Storage, name: str, concurrency: int) -> r
         ),
         run_config=ray.tune.RunConfig(
             name=name,
-            storage_path=storage.uri,
+            # a local directory through WholeFiles: a full disk never cuts Tune's state
+            storage_path=storage.path if storage.is_local else storage.uri,
+            storage_filesystem=tune_filesystem(storage) if storage.is_local else None,
             failure_config=ray.tune.FailureConfig(max_failures=t.max_failures),
             checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=t.checkpoints_to_keep),
+            progress_reporter=progress_table(cfg),
+            callbacks=[StopWhenFull(experiment.uri)],
+            verbose=1,  # the table only: no line per report with every metric
         ),
     )
 
 
-def start_ray(address: str | None, num_cpus: int | None, dashboard: bool) -> str | None:
-    """Connect to the cluster at ``address``, or start a local Ray (its dashboard bound to
-    127.0.0.1); returns the dashboard URL, if any."""
-    if address:
-        context = ray.init(address=address)
-    else:
-        context = ray.init(
-            num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1"
-        )
-    return f"http://{context.dashboard_url}" if context.dashboard_url else None
+#: Column headers of the usual tuned keys in the progress table.
+SHORT_NAMES = {"mask_ratio": "mask", "patch_size": "patch", "decoder_depth": "depth"}
+#: Seconds between two progress tables of a running sweep.
+PROGRESS_EVERY_S = 30
+
+
+def progress_table(cfg: Config) -> ray.tune.CLIReporter:
+    """The sweep's progress table, within 120 columns: each trial's tuned values, its stage
+    and epoch (``search 4/6``, ``proxy 1/2``), its label-free loss and the objective.
+    Ray's default table shows the first metrics a trial happens to report instead.
+
+    It is Tune's classic reporter: the driver sets ``RAY_AIR_NEW_OUTPUT=0``, without which
+    Tune ignores it."""
+    metric = cfg.objective.metric
+    metrics = {STAGE_KEY: "stage", "eval_loss": "eval loss"}
+    metrics[metric] = metric
+    params = {f"search/{key}": SHORT_NAMES.get(key, key) for key in cfg.space}
+    return ray.tune.CLIReporter(
+        metric_columns=metrics,
+        parameter_columns=params,
+        max_column_length=14,
+        max_report_frequency=PROGRESS_EVERY_S,
+        sort_by_metric=False,
+    )
+
+
+#: Ray's switch for multi-node clusters (its name is about Windows and macOS, where they are
+#: off). Off, a node takes 127.0.0.1 as its address, and every server it starts (GCS,
+#: raylet, workers, the Prometheus metrics endpoints of the dashboard, its agent and the
+#: autoscaler monitor) listens on the loopback interface only.
+RAY_CLUSTER_SWITCH = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+
+
+@contextlib.contextmanager
+def _loopback_only() -> Iterator[None]:
+    """This process and the Ray processes it starts treat the node as single-machine."""
+    saved_env, saved = os.environ.get(RAY_CLUSTER_SWITCH), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[RAY_CLUSTER_SWITCH] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False  # what Ray read when it was imported
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+        if saved_env is None:
+            os.environ.pop(RAY_CLUSTER_SWITCH, None)
+        else:
+            os.environ[RAY_CLUSTER_SWITCH] = saved_env
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None, num_cpus: int | None, dashboard: bool) -> Iterator[str | None]:
+    """Connect to the cluster at ``address``, or start a local Ray reachable from this
+    machine only (every server on 127.0.0.1, the dashboard too); yields the dashboard URL,
+    if any, and shuts Ray down at the end (disconnects from a cluster)."""
+    with contextlib.ExitStack() as stack:
+        if address:
+            context = ray.init(address=address)
+        else:
+            stack.enter_context(_loopback_only())
+            context = ray.init(
+                num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1"
+            )
+        stack.callback(ray.shutdown)
+        yield f"http://{context.dashboard_url}" if context.dashboard_url else None
 
 
 def nodes_missing(path: str) -> list[str]:
@@ -258,8 +479,13 @@ def check_shared_storage(storage: Storage) -> None:
 
 def restore_tuner(cfg: Config, experiment: Storage) -> ray.tune.Tuner:
     """Continue an interrupted sweep: unfinished and errored trials go on from checkpoints."""
+    local = experiment.is_local
     return ray.tune.Tuner.restore(
-        experiment.uri, trainable(cfg), resume_unfinished=True, resume_errored=True
+        experiment.path if local else experiment.uri,
+        trainable(cfg),
+        resume_unfinished=True,
+        resume_errored=True,
+        storage_filesystem=tune_filesystem(experiment) if local else None,
     )
 
 

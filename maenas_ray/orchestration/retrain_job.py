@@ -70,9 +70,11 @@ def retrain_stage(
         cfg, genotype, reporter, proxy=proxy, resume_from=state, prepare_model=prepare_model
     )
     epochs = RetrainPlan.of(cfg, proxy).epochs
-    if state is not None and state["epoch"] >= epochs:
+    if not proxy and state is not None and state["epoch"] >= epochs:
+        # a retrain run (not a sweep's proxy, which replays what Tune lacks before it gets
+        # here) that had finished: its result once more, for Train's Result
         reporter.final(result.metrics, lambda d: save_retrain_state(state, d), epochs)
-    if reporter.rank == 0:
+    if proxy and reporter.rank == 0:  # a retrain run's driver prints its own result line
         print(
             f"retrained: {result.parameters:,} parameters, {result.macs / 1e6:.1f}M multiply-adds, "
             f"top-1 {result.metrics.get('top1', float('nan')):.4f}",

@@ -21,6 +21,7 @@ storage (local, NFS, s3:// or gs://).
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +36,6 @@ from maenas_ray.engines import (
     CHECKPOINT_FILE,
     load_search_state,
     run_search,
-    save_search_state,
-    search_finished,
 )
 from maenas_ray.orchestration.train_jobs import (
     ForwardReports,
@@ -44,6 +43,7 @@ from maenas_ray.orchestration.train_jobs import (
     TuneReports,
     latest_state,
     remove_stale_scratch,
+    replay_unreported,
     require_visible,
     run_config,
     scratch,
@@ -64,6 +64,9 @@ SEARCH_RESULT = "search_result.json"
 #: Files every finished search writes into its trial directory; the result last, as it
 #: marks the stage done.
 ARTIFACTS = ("genotype.json", "reconstruction.png", "alphas.png", "cells.png", SEARCH_RESULT)
+#: The result key saying where a trial stands (``search 4/6``, ``proxy 1/2``): the
+#: progress table's stage column (Tune's iteration counts the two stages together).
+STAGE_KEY = "stage"
 
 
 def worker_resources(cfg: Config) -> dict[str, float]:
@@ -100,10 +103,9 @@ def search_stage(
             print(f"resuming the search from epoch {state['epoch']} ({path})", flush=True)
     remove_stale_scratch()
     with scratch("artifacts") as out:
+        # a search that had finished before the restart reports nothing: the trial replayed
+        # what Tune had not recorded before it got here (replay_unreported)
         result = run_search(cfg, reporter, resume_from=state, out_dir=out if rank == 0 else None)
-        if state is not None and search_finished(state, cfg.search.epochs):
-            # the search had finished before the restart: report its result once more
-            reporter.final(result.metrics, lambda d: save_search_state(state, d), state["epoch"])
         if rank == 0:
             (Path(out) / SEARCH_RESULT).write_text(json.dumps(result.metrics) + "\n")
             upload(Path(out), ARTIFACTS, fs, trial_dir)
@@ -134,6 +136,8 @@ def search_trial(params: dict[str, Any], base: dict[str, Any]) -> None:
 
     A one-worker trial runs both in this process, on the resources Tune gave the trial; a
     data-parallel one (several workers) runs each as a Ray Train job."""
+    # Tune's line per stored checkpoint would repeat the progress table in the driver's log
+    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
     try:
         _trial(params, base)
     finally:
@@ -157,13 +161,20 @@ def _trial(params: dict[str, Any], base: dict[str, Any]) -> None:
         use_gpu=cfg.tune.gpus_per_trial > 0,
         resources_per_worker=worker_resources(cfg),
     )
+    # Tune needs the objective in every result: a placeholder until the proxy has one
+    placeholder = {cfg.objective.metric: float("nan")} if proxy else {}
+
+    def searching(m: dict[str, Any]) -> dict[str, Any]:
+        return {**m, **placeholder, STAGE_KEY: f"search {m['epoch']}/{cfg.search.epochs}"}
+
+    # epochs whose checkpoints reached the storage but whose reports did not reach Tune
+    replay_unreported(fs, f"{trial_dir}/{SEARCH_RUN}", CHECKPOINT_FILE, load_search_state,
+                      searching)  # fmt: skip
     search = _read_json(fs, f"{trial_dir}/{SEARCH_RESULT}")
     if search is None:  # not done yet (a restarted trial whose search finished skips it)
-        # Tune needs the objective in every result: a placeholder until the proxy has one
-        placeholder = {cfg.objective.metric: float("nan")} if proxy else {}
         if in_trial:
             run_dir = f"{trial_dir}/{SEARCH_RUN}"
-            reporter = TuneReports("search", fs, run_dir, keep, lambda m: {**m, **placeholder})
+            reporter = TuneReports("search", fs, run_dir, keep, searching)
             search_stage(cfg, fs, trial_dir, reporter)
         else:
             forward = ForwardReports()
@@ -174,22 +185,24 @@ def _trial(params: dict[str, Any], base: dict[str, Any]) -> None:
                 torch_config=torch_config(),
                 run_config=run_config(SEARCH_RUN, trial_dir, fs, keep, [forward]),
             )
-            forward.fit_and_report_to_tune(trainer, lambda m: {**m, **placeholder})
+            forward.fit_and_report_to_tune(trainer, searching)
         search = _read_json(fs, f"{trial_dir}/{SEARCH_RESULT}")
         if search is None:
             raise RuntimeError(f"the search ended without writing {trial_dir}/{SEARCH_RESULT}")
-    elif not proxy:  # finished before this restart: its final result once more, for Tune
-        ray.tune.report(search)
     if not proxy:
         return
+    from maenas_ray.engines.retrain import RETRAIN_FILE, load_retrain_state
     from maenas_ray.orchestration.retrain_job import retrain_stage, retrain_trainer
     from maenas_ray.space import Genotype
 
     genotype = Genotype.from_json(search["genotype"])
 
     def with_search(metrics: dict[str, Any]) -> dict[str, Any]:
-        return {**search, **{f"proxy_{k}": v for k, v in metrics.items()}}
+        stage = f"proxy {metrics['epoch']}/{cfg.retrain.proxy_epochs}"
+        return {**search, **{f"proxy_{k}": v for k, v in metrics.items()}, STAGE_KEY: stage}
 
+    replay_unreported(fs, f"{trial_dir}/{PROXY_RUN}", RETRAIN_FILE, load_retrain_state,
+                      with_search)  # fmt: skip
     if in_trial:
         run_dir = f"{trial_dir}/{PROXY_RUN}"
         reporter = TuneReports("retrain", fs, run_dir, keep, with_search)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import queue as std_queue
 import re
@@ -31,7 +32,9 @@ from maenas_ray.engines import EpochReport, SearchCallback
 #: Test-only fault injection: ``MAENAS_RAY_FAULT=<stage>:exit@K`` (stage ``search`` or
 #: ``retrain``) in the environment of the Ray workers makes the process running that stage
 #: (the Tune trial process, or rank 0 of the Train job) exit abruptly (``os._exit``) right
-#: after reporting epoch K, once per run (a marker file next to the run).
+#: after reporting epoch K, once per run (a marker file next to the run);
+#: ``<stage>:exit-unreported@K`` (a trial process) exits after epoch K's checkpoint is on
+#: the storage but before Tune has the report.
 FAULT_ENV = "MAENAS_RAY_FAULT"
 #: Longest wait of the Train controller for the driver's copy of a checkpoint to Tune.
 COPY_TIMEOUT_S = 1800.0
@@ -46,12 +49,16 @@ _IN_USE = ".in-use"
 @contextlib.contextmanager
 def scratch(kind: str) -> Iterator[str]:
     """A local scratch directory (``kind``: artifacts, ckpt or load), locked while in use,
-    so that one left by a killed process can be told apart and removed."""
+    so that one left by a killed process can be told apart and removed. The lock file sits
+    beside the directory it yields, so what is written there (a checkpoint) holds only
+    what its writer puts in it."""
     with tempfile.TemporaryDirectory(prefix=f"maenas-{kind}-{os.getpid()}-") as path:
         fd = os.open(os.path.join(path, _IN_USE), os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            yield path
+            content = os.path.join(path, kind)
+            os.mkdir(content)
+            yield content
         finally:
             os.close(fd)  # releases the lock
 
@@ -135,11 +142,13 @@ def setup_worker(device: str, cpus: float) -> int:
     return ray.train.get_context().get_world_rank()
 
 
-def inject_fault(stage: str, epoch: int, fs: pyarrow.fs.FileSystem, marker_dir: str) -> None:
+def inject_fault(
+    stage: str, epoch: int, fs: pyarrow.fs.FileSystem, marker_dir: str, kind: str = "exit"
+) -> None:
     """Test-only: exit this process abruptly when ``MAENAS_RAY_FAULT`` is
-    ``<stage>:exit@<epoch>``, once per run (a marker file in ``marker_dir``)."""
+    ``<stage>:<kind>@<epoch>``, once per run (a marker file in ``marker_dir``)."""
     fault = os.environ.get(FAULT_ENV, "")
-    if fault != f"{stage}:exit@{epoch}":
+    if fault != f"{stage}:{kind}@{epoch}":
         return
     marker = f"{marker_dir}/fault-injected-{fault.replace(':', '-')}"
     if fs.get_file_info(marker).type != pyarrow.fs.FileType.NotFound:
@@ -148,6 +157,15 @@ def inject_fault(stage: str, epoch: int, fs: pyarrow.fs.FileSystem, marker_dir: 
         f.write(b"the process exited here on purpose\n")
     print(f"{FAULT_ENV}={fault}: exiting the process", flush=True)
     os._exit(17)
+
+
+def retrain_line(epoch: int, epochs: int, m: dict[str, Any]) -> str:
+    """One readable progress line of a retrain epoch."""
+    return (
+        f"epoch {epoch}/{epochs}  train loss {m['train_loss']:.4f} top-1 {m['train_top1']:.4f}"
+        f"  test loss {m['test_loss']:.4f} top-1 {m['top1']:.4f} top-5 {m['top5']:.4f}"
+        f"  lr {m['lr']:.3g}  {m['images_per_sec']:.0f} img/s"
+    )
 
 
 class ReportEpochs(SearchCallback):
@@ -160,6 +178,8 @@ class ReportEpochs(SearchCallback):
     def on_epoch_end(self, report: EpochReport) -> None:
         self._report(report.metrics, report.save_checkpoint, checkpoint_dir_name(report.epoch))
         if self.rank == 0:
+            if self.stage == "retrain":
+                print(retrain_line(report.epoch, report.epochs, report.metrics), flush=True)
             inject_fault(self.stage, report.epoch, self.fs, self.marker_dir)
 
     def final(self, metrics: dict[str, Any], save: Callable[[str], Any], epoch: int) -> None:
@@ -200,16 +220,10 @@ class TuneReports(SearchCallback):
         self.transform = transform
 
     def on_epoch_end(self, report: EpochReport) -> None:
-        self._report(report.metrics, report.save_checkpoint, checkpoint_dir_name(report.epoch))
-        inject_fault(self.stage, report.epoch, self.fs, self.run_dir.rsplit("/", 1)[0])
-
-    def final(self, metrics: dict[str, Any], save: Callable[[str], Any], epoch: int) -> None:
-        """Report a run that had finished before its restart once more, with its checkpoint."""
-        self._report(metrics, save, checkpoint_dir_name(epoch, "_final"))
-
-    def _report(self, metrics: dict[str, Any], save: Callable[[str], Any], name: str) -> None:
+        marker_dir = self.run_dir.rsplit("/", 1)[0]
+        name = checkpoint_dir_name(report.epoch)
         with scratch("ckpt") as tmp:
-            save(tmp)
+            report.save_checkpoint(tmp)
             self.fs.create_dir(f"{self.run_dir}/{name}", recursive=True)
             pyarrow.fs.copy_files(
                 tmp, f"{self.run_dir}/{name}",
@@ -217,9 +231,61 @@ class TuneReports(SearchCallback):
             )  # fmt: skip
             # pruned first: a scheduler that stops the trial does so inside report()
             prune_checkpoints(self.fs, self.run_dir, self.keep)
+            inject_fault(self.stage, report.epoch, self.fs, marker_dir, "exit-unreported")
             ray.tune.report(
-                self.transform(metrics), checkpoint=ray.tune.Checkpoint.from_directory(tmp)
+                self.transform(report.metrics),
+                checkpoint=ray.tune.Checkpoint.from_directory(tmp),
             )
+        inject_fault(self.stage, report.epoch, self.fs, marker_dir)
+
+
+def recorded_epoch(filename: str, load: Callable[[Path], dict]) -> int | None:
+    """The last epoch of a stage whose checkpoint file is ``filename`` that Ray Tune has
+    recorded for this trial (its latest checkpoint): 0 when Tune has no checkpoint, None
+    when Tune's latest checkpoint belongs to another stage."""
+    checkpoint = ray.tune.get_checkpoint()
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as directory:
+        path = Path(directory) / filename
+        if not path.is_file():
+            return None
+        try:
+            return int(load(path)["epoch"])
+        except (OSError, ValueError):
+            return 0  # unreadable: report from the start of what the storage holds
+
+
+def replay_unreported(
+    fs: pyarrow.fs.FileSystem,
+    run_dir: str,
+    filename: str,
+    load: Callable[[Path], dict],
+    transform: Callable[[dict], dict],
+) -> None:
+    """Report to Ray Tune, once each, the epochs of a stage whose checkpoints reached the
+    storage but whose reports never reached Tune (the trial died in between), the newest
+    with its checkpoint. The stage then resumes after them, so every epoch is in Tune's
+    history exactly once and none is computed twice."""
+    recorded = recorded_epoch(filename, load)
+    found = latest_state(fs, run_dir, filename, load)
+    if recorded is None or found is None or int(found[0]["epoch"]) <= recorded:
+        return
+    state, path = found
+    missing = json.loads(state["history"])[recorded : int(state["epoch"])]
+    print(
+        f"reporting epochs {recorded + 1}-{state['epoch']} to Ray Tune again: their "
+        f"checkpoints are on the storage, their reports were lost ({path})",
+        flush=True,
+    )
+    for metrics in missing[:-1]:
+        ray.tune.report(transform(metrics))
+    with scratch("load") as tmp:
+        pyarrow.fs.copy_files(
+            path, f"{tmp}/{filename}", source_filesystem=fs,
+            destination_filesystem=pyarrow.fs.LocalFileSystem(),
+        )  # fmt: skip
+        ray.tune.report(transform(missing[-1]), checkpoint=ray.tune.Checkpoint.from_directory(tmp))
 
 
 def prune_checkpoints(fs: pyarrow.fs.FileSystem, run_dir: str, keep: int) -> None:
