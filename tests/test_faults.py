@@ -95,9 +95,10 @@ def test_a_driver_killed_between_study_and_tune_state_resumes(tmp_path, moment):
         states = glob.glob(str(experiment / "experiment_state-*.json"))
         return any("TERMINATED" in Path(p).read_text(errors="replace") for p in states)
 
-    def mid_report() -> bool:
-        results = glob.glob(str(experiment / "trial_*" / "result.json"))
-        return any(len(Path(p).read_text().splitlines()) == 1 for p in results)
+    def mid_report() -> bool:  # a trial's first epoch stored, its second not yet
+        first = glob.glob(str(experiment / "trial_*" / "search" / "checkpoint_epoch_00001"))
+        second = glob.glob(str(experiment / "trial_*" / "search" / "checkpoint_epoch_00002"))
+        return bool(first) and not second
 
     watched = {"study-complete": study_complete, "tune-state": tune_state,
                "mid-report": mid_report}[moment]  # fmt: skip

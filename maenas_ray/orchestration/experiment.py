@@ -206,11 +206,28 @@ class ConsistentOptunaSearch(OptunaSearch):
         super().on_trial_complete(trial_id, result, error)
 
     def restore(self, checkpoint_path: str) -> None:
-        journal = resolve_storage(self._experiment_uri).join(STUDY_JOURNAL)
-        if "://" not in self._experiment_uri:
-            repair_journal(journal)  # before the restored study reads it
         super().restore(checkpoint_path)
+        experiment = resolve_storage(self._experiment_uri)
+        if experiment.is_local and self._ot_study is not None:
+            self._reload_study(experiment.join(STUDY_JOURNAL))
         self.reconcile()
+
+    def _reload_study(self, journal: str) -> None:
+        """The study as its journal holds it, not as pickled with Tune's state: the journal
+        may hold more (a trial told after Tune last saved) or, cut by a crash, less."""
+        assert self._ot_study is not None
+        study = optuna.load_study(
+            study_name=self._ot_study.study_name,
+            storage=optuna.storages.JournalStorage(WholeLinesJournal(journal)),
+            sampler=self._ot_study.sampler,
+        )
+        known = {t._trial_id for t in study.get_trials(deepcopy=False)}
+        self._ot_trials = {
+            trial_id: optuna.Trial(study, t._trial_id)
+            for trial_id, t in self._ot_trials.items()
+            if t._trial_id in known
+        }
+        self._ot_study, self._storage = study, study._storage
 
     def reconcile(self) -> list[str]:
         """Bring the study in line with Tune's restored state and the trial directories;
@@ -245,9 +262,31 @@ class ConsistentOptunaSearch(OptunaSearch):
                 )
                 storage.set_trial_state_values(stored._trial_id, optuna.trial.TrialState.FAIL)
                 changes.append(f"study trial {stored.number}: failed, no Tune trial has it")
+        changes += self._set_aside_orphan_directories(trials)
         for change in changes:
             print(f"resume: {change}", flush=True)
         return changes
+
+    def _set_aside_orphan_directories(self, trials: dict[str, Any]) -> list[str]:
+        """Move the directories of trials Tune's restored state does not know (started after
+        it last saved; Tune starts new trials in their place) to ``orphaned/``, out of the
+        leaderboard, the report and the correlations."""
+        if not trials:
+            return []
+        experiment = resolve_storage(self._experiment_uri)
+        changes = []
+        for trial_id, trial in trials.items():
+            if trial_id in self._ot_trials:
+                continue
+            name = trial.path.rstrip("/").rsplit("/", 1)[-1]
+            experiment.fs.create_dir(experiment.join(ORPHANED_DIR), recursive=True)
+            experiment.fs.move(trial.path, experiment.join(ORPHANED_DIR, name))
+            changes.append(f"{name}: moved to {ORPHANED_DIR}/, no Tune trial has it")
+        return changes
+
+
+#: Where ``--resume`` moves the directories of trials Tune's saved state never knew.
+ORPHANED_DIR = "orphaned"
 
 
 class NoSpaceError(OSError):
@@ -393,22 +432,29 @@ def progress_table(cfg: Config) -> ray.tune.CLIReporter:
 #: raylet, workers, the Prometheus metrics endpoints of the dashboard, its agent and the
 #: autoscaler monitor) listens on the loopback interface only.
 RAY_CLUSTER_SWITCH = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+#: Ray Train's switch for its preemption watcher actor.
+PREEMPTION_WATCHER_SWITCH = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 
 
 @contextlib.contextmanager
 def _loopback_only() -> Iterator[None]:
-    """This process and the Ray processes it starts treat the node as single-machine."""
-    saved_env, saved = os.environ.get(RAY_CLUSTER_SWITCH), ray_constants.ENABLE_RAY_CLUSTER
-    os.environ[RAY_CLUSTER_SWITCH] = "0"
+    """This process and the Ray processes it starts treat the node as single-machine: no
+    multi-node switch, and no Train preemption watcher (a local machine is not a spot
+    instance; its actor logs an error line on every Train run)."""
+    env = {RAY_CLUSTER_SWITCH: "0", PREEMPTION_WATCHER_SWITCH: "0"}
+    saved_env = {key: os.environ.get(key) for key in env}
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ.update(env)
     ray_constants.ENABLE_RAY_CLUSTER = False  # what Ray read when it was imported
     try:
         yield
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = saved
-        if saved_env is None:
-            os.environ.pop(RAY_CLUSTER_SWITCH, None)
-        else:
-            os.environ[RAY_CLUSTER_SWITCH] = saved_env
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 @contextlib.contextmanager

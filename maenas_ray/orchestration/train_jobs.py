@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import queue as std_queue
 import re
@@ -134,8 +135,17 @@ def use_cpus(cpus: float) -> None:
     torch.set_num_threads(max(1, round(cpus)))
 
 
+def _no_report_lines(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Reporting training result")
+
+
 def setup_worker(device: str, cpus: float) -> int:
-    """Threads for this worker's CPUs, the worker's own GPU when it has one; the rank."""
+    """Threads for this worker's CPUs, the worker's own GPU when it has one; the rank.
+    Train's line per report (``Reporting training result ...``) is silenced: the stage
+    prints its own line per epoch."""
+    from ray.train.v2._internal.execution import context  # its logger is named by its file
+
+    logging.getLogger(context.__file__).addFilter(_no_report_lines)
     use_cpus(cpus)
     if device != "cpu" and torch.cuda.is_available():
         torch.cuda.set_device(ray.train.torch.get_device())
@@ -359,6 +369,9 @@ def run_config(
         failure_config=ray.train.FailureConfig(max_failures=0),
         # progress is printed by the callers; Train's per-report INFO lines would repeat it
         logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+        # Train's print patch sends a worker's print to its logger as well as to stdout,
+        # which shows every progress line twice
+        worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
     )
 
 
