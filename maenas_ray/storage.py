@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -192,6 +193,25 @@ class WholeFiles(pyarrow.fs.FileSystemHandler):
 
     def open_append_stream(self, path: str, metadata: Any) -> pyarrow.NativeFile:
         return self.fs.open_append_stream(path, metadata=metadata)
+
+
+#: The temporary name of a file :class:`WholeFiles` is writing.
+PARTIAL = re.compile(r"^\..+\.part-[0-9a-f]{8}$")
+
+
+def remove_partial_files(storage: Storage) -> int:
+    """Delete the temporary files that writers killed mid-write (or stopped by a full disk)
+    left under ``storage`` (a local directory no sweep is writing to); returns how many."""
+    if not storage.is_local or not storage.exists():
+        return 0
+    selector = pyarrow.fs.FileSelector(storage.path, recursive=True)
+    removed = 0
+    for info in storage.fs.get_file_info(selector):
+        if info.type == pyarrow.fs.FileType.File and PARTIAL.match(info.base_name):
+            with contextlib.suppress(OSError):
+                storage.fs.delete_file(info.path)
+                removed += 1
+    return removed
 
 
 def tune_filesystem(storage: Storage) -> pyarrow.fs.FileSystem:

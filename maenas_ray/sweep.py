@@ -35,7 +35,7 @@ from maenas_ray.cli import (
 from maenas_ray.config import Config, ConfigError, load_config
 from maenas_ray.lock import LockError, SweepLock
 from maenas_ray.results import CONFIG_FILE, STUDY_JOURNAL, ExperimentError, load_experiment
-from maenas_ray.storage import Storage, StorageError
+from maenas_ray.storage import Storage, StorageError, remove_partial_files
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "tune_configs" / "quickstart.yaml"
 
@@ -219,6 +219,8 @@ def _fit(
     ex.check_shared_storage(storage)
     if resume:
         print(f"resuming {exp.uri}", flush=True)
+        if removed := remove_partial_files(exp):
+            print(f"resume: removed {removed} partial file(s) of writers that died", flush=True)
         tuner = ex.restore_tuner(cfg, exp)
     else:
         concurrency = ex.max_concurrent(cfg, ray.cluster_resources())

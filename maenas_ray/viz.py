@@ -83,6 +83,21 @@ def denormalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) ->
     return (x * s + m).clamp(0.0, 1.0)
 
 
+def reconstruction_tensor(
+    original: torch.Tensor,
+    masked: torch.Tensor,
+    reconstructed: torch.Tensor,
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> torch.Tensor:
+    """The three rows of :func:`save_reconstruction_grid` as one image (3, H, W) in [0, 1]
+    (TensorBoard's ``add_image``), 1-pixel white gaps between the images."""
+    from torchvision.utils import make_grid
+
+    rows = [denormalize(t, mean, std) for t in (original, masked, reconstructed)]
+    return make_grid(torch.cat(rows), nrow=original.shape[0], padding=1, pad_value=1.0)
+
+
 def save_reconstruction_grid(
     path: PathLike,
     original: torch.Tensor,

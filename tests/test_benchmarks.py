@@ -17,9 +17,8 @@ def test_the_device_check_smoke_run_writes_its_json_and_summary(tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     figures = json.loads((out / "device_check.json").read_text())
     steps = figures["search_step"]
-    assert [(r["partial_channels"], r["precision"]) for r in steps] == [
-        (1, "fp32"), (1, "bf16"), (4, "fp32"), (4, "bf16")
-    ]  # fmt: skip
+    # the smoke run: one of each K and precision (the device run pairs every one)
+    assert [(r["partial_channels"], r["precision"]) for r in steps] == [(1, "fp32"), (4, "bf16")]
     assert all(r["images_per_s"] > 0 and r["projected_50_epoch_hours"] > 0 for r in steps)
     search = figures["paper_search"]
     assert [e["epoch"] for e in search["epochs"]] == [1, 2]

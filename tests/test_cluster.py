@@ -164,7 +164,7 @@ def test_a_multi_node_cluster_refuses_node_local_storage(three_nodes, tmp_path, 
     assert list((tmp_path / "store").iterdir()) == []  # the marker is gone
 
 
-@pytest.mark.slow
+@pytest.mark.scale  # about 2 minutes: outside the default run (pytest -m scale)
 def test_32_trials_on_8_nodes_of_4_gpus_run_16_at_a_time(tmp_path, monkeypatch):
     """The sweep's own Tuner (OptunaSearch, concurrency from the cluster, the trial's
     resources) on 8 x 4 logical GPUs; each trial takes its Train workers' resources as a

@@ -145,8 +145,8 @@ def test_retrain_config_errors(overrides, message):
 
 def test_a_proxy_network_that_cannot_be_built_is_a_sweep_config_error():
     overrides = ["data.image_size=16", "search.patch_size=4", "space={mask_ratio: {choice: [0.5]}}"]
-    with pytest.raises(ConfigError, match=r"retrain.auxiliary = True: the proxy network: .*"
-                       r"auxiliary head needs a larger input"):  # fmt: skip
+    with pytest.raises(ConfigError, match=r"retrain.auxiliary = True: the proxy network at "
+                       r"data.image_size 16: .*auxiliary head needs a larger input"):  # fmt: skip
         load_config(None, overrides, sweep=True)
     load_config(None, [*overrides, "retrain.auxiliary=false"], sweep=True)
     with pytest.raises(ConfigError, match=r"tune.scheduler = 'asha': stops trials on search"):

@@ -20,6 +20,7 @@ import torch
 import yaml
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from maenas_ray.config import ConfigError, config_from_dict, load_config
 from maenas_ray.engines import load_search_state, run_search
@@ -33,6 +34,7 @@ from maenas_ray.orchestration.search_job import (
 )
 from maenas_ray.orchestration.train_jobs import (
     FAULT_ENV,
+    TENSORBOARD_TAG,
     prune_checkpoints,
     remove_stale_scratch,
     scratch,
@@ -385,6 +387,13 @@ def test_sweep_runs_trials_that_open_with_tune_and_optuna(tmp_path, capsys):
         for picture in ("reconstruction.png", "alphas.png", "cells.png"):
             assert (trial / picture).stat().st_size > 0
         assert result.metrics["epoch"] == 2 and result.checkpoint is not None
+        # tensorboard --logdir <experiment>: Tune's scalars and each epoch's reconstructions
+        tb = EventAccumulator(str(trial), size_guidance={"images": 0, "scalars": 0})
+        tb.Reload()
+        grids = tb.Images(TENSORBOARD_TAG)
+        assert [g.step for g in grids] == [1, 2]
+        assert grids[0].width > grids[0].height > 16  # 8 images wide, 3 rows high
+        assert any(tag.endswith("eval_loss") for tag in tb.Tags()["scalars"])
         # the search ran in the trial process: its checkpoints, as a Train run's, by epoch
         assert sorted(p.name for p in (trial / "search").iterdir()) == [
             "checkpoint_epoch_00001", "checkpoint_epoch_00002"
@@ -429,10 +438,11 @@ def test_sweep_runs_trials_that_open_with_tune_and_optuna(tmp_path, capsys):
     assert "from the sweep&#x27;s Optuna study: 3 completed trials" in page
     figures = re.findall(r'<img src="([^"]+)"', page)
     best_id = trial.trial_id
+    # no score-vs-accuracy scatter: an eval_loss sweep has no accuracy
     assert figures[:5] == [
         "objective_vs_params.png", "history.png", "importances.png", "skips_vs_mask_ratio.png",
         "collapse_over_time.png",
-    ]  # fmt: skip  (no score-vs-accuracy scatter: an eval_loss sweep has no accuracy)
+    ]  # fmt: skip
     assert figures[5:7] == [
         f"best/1-trial_{best_id}-cells.png",
         f"best/1-trial_{best_id}-reconstruction.png",
@@ -666,6 +676,35 @@ def test_quickstart_runs_with_no_arguments(tmp_path):
         assert final["proxy_held_out_images"] >= 500
         assert "hessian_eigenvalue" in final
     assert "close to uniform" not in run.stdout
+    _printed_and_readme_commands_work(run.stdout, experiment, tmp_path, env)
+
+
+def _printed_and_readme_commands_work(out: str, experiment: Path, cwd: Path, env) -> None:
+    """Every command the sweep printed, and the README's quick retrains, exit 0 in the
+    environment the project was installed in (nothing else installed)."""
+    printed = {line.split(": ", 1)[0]: line.split(": ", 1)[1] for line in out.splitlines()
+               if line.startswith(("Optuna study: ", "report: "))}  # fmt: skip
+    _serves_the_study(printed["Optuna study"].split(), experiment.name)
+    quick = str(REPO / "tune_configs" / "retrain_quick.yaml")
+    commands = [
+        printed["report"],
+        f"python -m maenas_ray.genotypes {experiment} --top 2 --format table",
+        f"python -m maenas_ray.retrain --genotype DARTS_V2 --config {quick}",
+        f"python -m maenas_ray.retrain --experiment {experiment} --top 1 --config {quick}",
+    ]
+    bin_dir = Path(sys.executable).parent
+    env = {**env, "PATH": f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"}
+    for command in commands:
+        start = time.monotonic()
+        done = subprocess.run(command.split(), capture_output=True, text=True, cwd=cwd, env=env,
+                              timeout=600)  # fmt: skip
+        assert done.returncode == 0, (command, done.stdout[-2000:], done.stderr[-2000:])
+        if "retrain" in command:  # "about a minute", and one line per epoch
+            assert time.monotonic() - start < 180, command
+            both = done.stdout + done.stderr
+            assert both.count("epoch 3/3  train loss") == 1, both[-2000:]
+            assert "Reporting training result" not in done.stdout + done.stderr
+    assert len(list((experiment / "retrains").glob("*.json"))) == 1  # recorded in the sweep
 
 
 @pytest.mark.slow

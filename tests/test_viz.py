@@ -132,6 +132,16 @@ def test_reconstruction_grid_does_not_leave_the_default_colour(tmp_path: Path) -
 # --------------------------------------------------------------------------- alphas
 
 
+def test_reconstruction_tensor_stacks_the_three_rows_for_tensorboard() -> None:
+    mean, std = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
+    rows = [torch.full((8, 3, 16, 16), v) for v in (-2.0, 0.0, 2.0)]  # black, grey, white
+    image = viz.reconstruction_tensor(*rows, mean, std)
+    assert image.shape == (3, 3 * 16 + 4, 8 * 16 + 9)  # 1-pixel gaps around every image
+    assert image.min() >= 0.0 and image.max() <= 1.0
+    centres = [float(image[0, 1 + r * 17 + 8, 9]) for r in range(3)]
+    assert centres == [0.0, 0.5, 1.0]  # original, masked, reconstruction, top to bottom
+
+
 def test_edge_labels_follow_supernet_edge_order() -> None:
     labels = viz.edge_labels()
     assert len(labels) == NUM_EDGES

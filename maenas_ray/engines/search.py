@@ -195,11 +195,18 @@ class EpochReport:
     genotype: Genotype
     _state: Callable[[], dict[str, Any]]
     _save: Callable[[dict[str, Any], str | Path], Path] | None = None
+    _images: Callable[[], torch.Tensor] | None = None
 
     def save_checkpoint(self, directory: str | Path) -> Path:
         """Write the whole run state to ``directory`` (``search_state.pt`` or
         ``retrain_state.pt``), atomically; returns the file."""
         return (self._save or save_search_state)(self._state(), directory)
+
+    def reconstructions(self) -> torch.Tensor | None:
+        """A search's reconstruction grid after this epoch, as an image (3, H, W) in
+        [0, 1]: original / masked / reconstruction rows of the 8 held-out images of
+        ``reconstruction.png``; None for a retraining."""
+        return self._images() if self._images is not None else None
 
 
 def save_search_state(state: dict[str, Any], directory: str | Path) -> Path:
@@ -689,6 +696,24 @@ class SearchLoop:
         return float(total_loss / chunks), float(total_psnr / chunks)
 
     @torch.no_grad()
+    def reconstruction_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """8 held-out images, masked (this search's ratio and patch size, a fixed seed)
+        and reconstructed, in normalised space."""
+        s = self.cfg.search
+        x = self.data.eval_images[:8]
+        mask = self._mask(x.shape[0], generator=torch.Generator().manual_seed(s.seed + 3))
+        with self.autocast():
+            pred = self.in_image_space(self.model(x, mask), x, mask)
+        return x, apply_mask(x, mask, s.patch_size), pred
+
+    def reconstruction_image(self) -> torch.Tensor:
+        """:meth:`reconstruction_rows` as one image (3, H, W) in [0, 1], a row each."""
+        from maenas_ray import viz
+
+        mean, std = self.data.mean.tolist(), self.data.std.tolist()
+        return viz.reconstruction_tensor(*self.reconstruction_rows(), mean, std)
+
+    @torch.no_grad()
     def write_artifacts(self, out_dir: Path) -> None:
         """``genotype.json``, the reconstruction grid (8 held-out images under masks of
         the search's own ratio and patch size, drawn from a fixed seed), the α heatmaps and
@@ -699,14 +724,10 @@ class SearchLoop:
         genotype = self.model.encoder.genotype()
         (out_dir / "genotype.json").write_text(genotype.to_json(indent=2) + "\n")
         s = self.cfg.search
-        x = self.data.eval_images[:8]
-        mask = self._mask(x.shape[0], generator=torch.Generator().manual_seed(s.seed + 3))
-        with self.autocast():
-            pred = self.in_image_space(self.model(x, mask), x, mask)
         mean, std = self.data.mean.tolist(), self.data.std.tolist()
         viz.save_reconstruction_grid(
-            out_dir / "reconstruction.png", x, apply_mask(x, mask, s.patch_size), pred, mean,
-            std, title=f"epoch {self.epoch}: original / masked / reconstruction (held-out "
+            out_dir / "reconstruction.png", *self.reconstruction_rows(), mean, std,
+            title=f"epoch {self.epoch}: original / masked / reconstruction (held-out "
             f"images; this search's masks: ratio {s.mask_ratio:g}, patch {s.patch_size})",
         )  # fmt: skip
         viz.save_alpha_heatmaps(
@@ -785,8 +806,9 @@ def run_search(
         if snapshot is not None:
             snapshot, scale = _cpu_copy(search.state()), 1.0
         report = EpochReport(
-            search.epoch, epochs, metrics, search.model.encoder.genotype(), search.state
-        )
+            search.epoch, epochs, metrics, search.model.encoder.genotype(), search.state,
+            _images=search.reconstruction_image,
+        )  # fmt: skip
         for cb in callbacks:
             cb.on_epoch_end(report)
     if out_dir is not None:

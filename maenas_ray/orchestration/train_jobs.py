@@ -43,13 +43,13 @@ COPY_TIMEOUT_S = 1800.0
 
 #: Local scratch directories: ``maenas-<kind>-<pid>-<random>`` in the temp directory, each
 #: holding a file that its process keeps ``flock``-ed while it uses the directory.
-_SCRATCH = re.compile(r"^maenas-(artifacts|ckpt|load)-\d+-")
+_SCRATCH = re.compile(r"^maenas-(artifacts|ckpt|load|tb)-\d+-")
 _IN_USE = ".in-use"
 
 
 @contextlib.contextmanager
 def scratch(kind: str) -> Iterator[str]:
-    """A local scratch directory (``kind``: artifacts, ckpt or load), locked while in use,
+    """A local scratch directory (``kind``: artifacts, ckpt, load or tb), locked while in use,
     so that one left by a killed process can be told apart and removed. The lock file sits
     beside the directory it yields, so what is written there (a checkpoint) holds only
     what its writer puts in it."""
@@ -241,12 +241,36 @@ class TuneReports(SearchCallback):
             )  # fmt: skip
             # pruned first: a scheduler that stops the trial does so inside report()
             prune_checkpoints(self.fs, self.run_dir, self.keep)
+            log_reconstructions(report, self.fs, marker_dir)
             inject_fault(self.stage, report.epoch, self.fs, marker_dir, "exit-unreported")
             ray.tune.report(
                 self.transform(report.metrics),
                 checkpoint=ray.tune.Checkpoint.from_directory(tmp),
             )
         inject_fault(self.stage, report.epoch, self.fs, marker_dir)
+
+
+#: The tag of each epoch's reconstruction grid in a trial's TensorBoard run.
+TENSORBOARD_TAG = "reconstruction (original / masked / reconstructed, held-out images)"
+
+
+def log_reconstructions(report: EpochReport, fs: pyarrow.fs.FileSystem, trial_dir: str) -> None:
+    """A search epoch's reconstruction grid into the trial's TensorBoard run (the trial
+    directory, beside Tune's scalars: ``tensorboard --logdir <experiment>``), one small
+    event file per epoch, written locally and copied to the storage."""
+    image = report.reconstructions()
+    if image is None:
+        return
+    from torch.utils.tensorboard import SummaryWriter
+
+    with scratch("tb") as tmp:
+        writer = SummaryWriter(log_dir=tmp, filename_suffix=f".epoch{report.epoch:05d}")
+        writer.add_image(TENSORBOARD_TAG, image, report.epoch)
+        writer.close()
+        pyarrow.fs.copy_files(
+            tmp, trial_dir,
+            source_filesystem=pyarrow.fs.LocalFileSystem(), destination_filesystem=fs,
+        )  # fmt: skip
 
 
 def recorded_epoch(filename: str, load: Callable[[Path], dict]) -> int | None:
