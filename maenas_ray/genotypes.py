@@ -18,7 +18,7 @@ import sys
 from typing import Any
 
 from maenas_ray.engines.search import NEAR_UNIFORM, UNIFORM_ENTROPY, uniform_alpha_warning
-from maenas_ray.results import Experiment, ExperimentError, load_experiment
+from maenas_ray.results import Experiment, ExperimentError, Trial, load_experiment
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,19 +45,19 @@ def _flat(prefix: str, tree: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _ranks(exp: Experiment) -> dict[str, int]:
-    """Trial id -> rank by the sweep's objective (1 = best), as the leaderboard ranks."""
+def _ranked(exp: Experiment, metric: str | None = None, mode: str | None = None) -> list[Trial]:
+    """The trials with a score by ``metric`` (default: the objective), best first."""
     try:
-        return {t.trial_id: i for i, (_, _, t) in enumerate(exp.best(len(exp.trials())), 1)}
+        return [t for _, _, t in exp.best(len(exp.trials()), metric, mode)]
     except ExperimentError:  # nothing scored yet
-        return {}
+        return []
 
 
 def trial_rows(exp: Experiment) -> list[dict[str, Any]]:
     """One flat row per trial: id, rank by the objective (None: no score yet, or errored),
     status, tuned parameters, final numeric metrics, genotype JSON, error and directory."""
     rows = []
-    ranks = _ranks(exp)
+    ranks = {t.trial_id: i for i, t in enumerate(_ranked(exp), 1)}
     for t in exp.trials():
         row: dict[str, Any] = {
             "trial_id": t.trial_id,
@@ -89,10 +89,7 @@ def leaderboard_rows(
     genotype summary. Trials without a score (not reported yet, NaN,
     errored) come last without a rank."""
     metric = metric or exp.config.objective.metric
-    try:
-        ranked = [t for _, _, t in exp.best(len(exp.trials()), metric, mode)]
-    except ExperimentError:  # nothing scored yet
-        ranked = []
+    ranked = _ranked(exp, metric, mode)
     tuned = list(exp.config.space)
     rows = [["rank", "trial", *tuned, metric, "skips", "status", "genotype"]]
     others = [t for t in exp.trials() if t not in ranked]

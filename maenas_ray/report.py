@@ -247,10 +247,10 @@ def _collapse(exp: Experiment, out: Path) -> Section:
 
 def _score_vs_accuracy(exp: Experiment, out: Path) -> Section:
     sec = Section("The label-free score against accuracy")
-    accuracies = ["proxy_top1"] + (["retrain_top1"] if exp.retrains() else [])
+    retrained = exp.retrains()
+    accuracies = ["proxy_top1"] + (["retrain_top1"] if retrained else [])
     correlations = [exp.correlation(a) for a in accuracies]
     sec.notes.extend(c.line() for c in correlations)
-    retrained = exp.retrains()
     points: dict[str, list[tuple[float, float, str]]] = {}
     for t in exp.trials():
         score = t.score(LABEL_FREE_SCORE)

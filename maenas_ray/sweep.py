@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import yaml
 
@@ -280,20 +281,13 @@ def _tune_output() -> Iterator[threading.Event]:
         signal.signal(signal.SIGINT, previous)
         os.kill(os.getpid(), signal.SIGUSR1)
 
-    env = {TUNE_OUTPUT_ENV: "0", TUNE_SIGINT_ENV: "1"}
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
     previous = signal.signal(signal.SIGINT, ctrl_c)
     try:
-        yield interrupted
+        with mock.patch.dict(os.environ, {TUNE_OUTPUT_ENV: "0", TUNE_SIGINT_ENV: "1"}):
+            yield interrupted
     finally:
         signal.signal(signal.SIGINT, previous)
         log.removeFilter(hint)
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def _summary(cfg: Config, exp: Storage, errors: list, partial: bool = False) -> int:

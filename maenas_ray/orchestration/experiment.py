@@ -20,6 +20,7 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import optuna
 import ray
@@ -442,19 +443,12 @@ def _loopback_only() -> Iterator[None]:
     multi-node switch, and no Train preemption watcher (a local machine is not a spot
     instance; its actor logs an error line on every Train run)."""
     env = {RAY_CLUSTER_SWITCH: "0", PREEMPTION_WATCHER_SWITCH: "0"}
-    saved_env = {key: os.environ.get(key) for key in env}
-    saved = ray_constants.ENABLE_RAY_CLUSTER
-    os.environ.update(env)
-    ray_constants.ENABLE_RAY_CLUSTER = False  # what Ray read when it was imported
-    try:
+    # ENABLE_RAY_CLUSTER: what Ray read from the environment when it was imported
+    with (
+        mock.patch.dict(os.environ, env),
+        mock.patch.object(ray_constants, "ENABLE_RAY_CLUSTER", False),
+    ):
         yield
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = saved
-        for key, value in saved_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 @contextlib.contextmanager
