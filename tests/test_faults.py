@@ -122,8 +122,11 @@ def test_ctrl_c_stops_the_sweep_with_130_and_says_how_to_resume(tmp_path):
     )
     store, log = tmp_path / "store", tmp_path / "first.log"
     proc = _start(config, store, log)
-    _wait_for(proc, log, lambda: glob.glob(str(store / "f" / "trial_*" / "result.json")),
-              "first report")  # fmt: skip
+    # the first epoch stored (Tune's result.json reaches the storage only when Tune syncs
+    # its state, which can be after these short trials have ended)
+    _wait_for(proc, log, lambda: glob.glob(str(store / "f" / "trial_*" / "search"
+                                               / "checkpoint_epoch_00001")),
+              "first epoch")  # fmt: skip
     proc.send_signal(signal.SIGINT)  # Ctrl-C in the driver's terminal
     assert proc.wait(timeout=300) == 130, log.read_text()[-3000:]
     out = log.read_text()
