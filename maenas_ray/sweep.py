@@ -153,6 +153,12 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace, cfg: Config, storage, name: str) -> int:
     exp = storage.experiment(name)
     lock = SweepLock(exp)
+    if not args.address and not args.resume:
+        try:  # a local Ray gets this machine's CPUs and GPUs: they are checked before it starts
+            _local_concurrency(args, cfg)
+        except ConfigError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     if args.resume:  # refused before Ray starts when the sweep is still running
         try:
             lock.acquire()
@@ -193,6 +199,20 @@ def _run(args: argparse.Namespace, cfg: Config, storage, name: str) -> int:
         _summary(cfg, exp, results.errors, partial=True)
         return INTERRUPTED
     return _summary(cfg, exp, results.errors)
+
+
+def _local_concurrency(args: argparse.Namespace, cfg: Config) -> int:
+    """Trials at once on the local Ray this sweep would start: its CPUs (``--num-cpus``, or
+    this machine's) and this machine's CUDA devices, as Ray counts them. Raises ConfigError
+    when one trial does not fit."""
+    import torch
+    from ray._private.utils import get_num_cpus  # what ray.init counts (cgroup limits too)
+
+    from maenas_ray.orchestration import experiment as ex
+
+    cpus = args.num_cpus or get_num_cpus()
+    resources = {"CPU": cpus, "GPU": torch.cuda.device_count()}
+    return ex.max_concurrent(cfg, resources, "the local Ray (this machine)")
 
 
 def _no_space(err: BaseException | None) -> bool:

@@ -85,7 +85,7 @@ CASES = [
     ("sweep", ["--resume", "--name", "nothing"],
      r"--resume: .*/nothing holds no sweep experiment \(sweep_config.yaml\)"),
     ("sweep", ["--set", "tune.gpus_per_trial=1", "--num-cpus", "2", "--no-dashboard"],
-     r"tune.gpus_per_trial = 1: the Ray cluster has 0 GPUs; set tune.gpus_per_trial: 0"),
+     r"tune.gpus_per_trial = 1: the local Ray \(this machine\) has 0 GPUs; set tune.gpus_pe"),
     ("search", ["--out", "{tmp}/run", "--set", "search.hessian_every=-1"],
      r"search.hessian_every = -1: must be >= 0 \(epochs; 0 = off\)"),
     ("sweep", ["--set", "search.early_stop_window=0"],

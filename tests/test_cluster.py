@@ -103,7 +103,9 @@ def test_a_node_that_cannot_see_the_storage_fails_with_a_clear_error(tmp_path):
 @pytest.fixture
 def three_nodes():
     """A head without CPUs and two worker nodes with one logical GPU each (not connected:
-    the sweep's ``--address`` connects)."""
+    the sweep's ``--address`` connects). Measured: a pytest process that has run a local,
+    loopback-only Ray (``experiment._loopback_only``) before cannot drive trials here (the
+    GCS cancels them as owned by a dead worker), so no earlier test module may start one."""
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     workers = [cluster.add_node(num_cpus=2, num_gpus=1) for _ in range(2)]
     cluster.wait_for_nodes()

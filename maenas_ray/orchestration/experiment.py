@@ -332,7 +332,7 @@ def trainable(cfg: Config) -> Any:
     return ray.tune.with_resources(fn, trial_resources(cfg))
 
 
-def max_concurrent(cfg: Config, resources: dict[str, float]) -> int:
+def max_concurrent(cfg: Config, resources: dict[str, float], where: str = "the Ray cluster") -> int:
     """Trials at once: as many as the cluster's GPUs (or CPUs) fit, at most num_samples.
 
     Each trial's Ray Train workers need ``gpus_per_trial`` GPUs and ``cpus_per_trial`` CPUs
@@ -346,14 +346,14 @@ def max_concurrent(cfg: Config, resources: dict[str, float]) -> int:
     hint = "or set tune.max_concurrent_trials on an autoscaling cluster"
     if cpus < t.cpus_per_trial:
         raise ConfigError(
-            f"tune.cpus_per_trial = {t.cpus_per_trial:g}: the Ray cluster has {cpus:g} CPUs; "
+            f"tune.cpus_per_trial = {t.cpus_per_trial:g}: {where} has {cpus:g} CPUs; "
             f"lower it, {hint}"
         )
     fit = math.floor(cpus / t.cpus_per_trial + 1e-9)
     if t.gpus_per_trial > 0:
         if gpus < t.gpus_per_trial:
             raise ConfigError(
-                f"tune.gpus_per_trial = {t.gpus_per_trial:g}: the Ray cluster has {gpus:g} "
+                f"tune.gpus_per_trial = {t.gpus_per_trial:g}: {where} has {gpus:g} "
                 f"GPUs; set tune.gpus_per_trial: 0 to search on CPUs, {hint}"
             )
         fit = min(fit, math.floor(gpus / t.gpus_per_trial + 1e-9))
