@@ -35,8 +35,8 @@ import torch
 
 from maenas_ray.config import config_from_dict
 from maenas_ray.engines import SearchLoop
+from maenas_ray.engines.architect import _unrolled
 from maenas_ray.engines.hessian import exact_fp32
-from maenas_ray.engines.search import _unrolled
 
 #: A-images in one epoch of the paper's CIFAR-10 search (50,000 training images, half each).
 CIFAR_A_IMAGES = 25_000

@@ -91,7 +91,7 @@ CHECKS = """
 import json, sys, torch
 from maenas_ray.config import config_from_dict
 from maenas_ray.engines import SearchLoop, dominant_eigenvalue
-from maenas_ray.engines.search import autocast_for
+from maenas_ray.engines.common import autocast_for
 smoke = sys.argv[1] == "smoke"
 size = ({"channels": 4, "layers": 3, "batch_size": 8} if smoke else
         {"channels": 16, "layers": 8, "batch_size": 64})

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from maenas_ray import search as search_cli
-from maenas_ray.config import load_config
+from maenas_ray.sweep_space import load_sweep
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "tune_configs" / "quickstart.yaml"
 
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(tmp)
         # the same search, standalone (twice: the first run pays one-time costs), on the
         # threads a trial gets (tune.cpus_per_trial), as the trial runs it
-        trial_threads = max(1, round(load_config(args.config, sweep=True).tune.cpus_per_trial))
+        trial_threads = max(1, round(load_sweep(args.config).tune.cpus_per_trial))
         threads = torch.get_num_threads()
         torch.set_num_threads(trial_threads)
         standalone = []

@@ -1,4 +1,5 @@
-"""What the Ray command lines (sweep, retrain) share: the Ray arguments, connecting, errors."""
+"""What the Ray command lines (sweep, retrain) share: the Ray arguments, the Ray session
+(a local Ray on 127.0.0.1, or a cluster), the shared-storage check, errors."""
 
 from __future__ import annotations
 
@@ -7,7 +8,11 @@ import contextlib
 import os
 import socket
 import sys
+import uuid
 from collections.abc import Iterator
+from unittest import mock
+
+from maenas_ray.storage import Storage, StorageError
 
 #: Default of ``--storage-path`` (before the config's ``storage_path``): the cluster YAMLs
 #: set it on every node, so that a submitted sweep writes to the cluster's shared storage.
@@ -67,8 +72,6 @@ def connected_ray(args: argparse.Namespace) -> Iterator[bool]:
     """Start a local Ray (reachable from this machine only) or join ``--address``, printing
     where, for the ``with`` block; it yields False (error printed) when that cannot be done.
     Ray is shut down (or left) at the end of the block."""
-    from maenas_ray.orchestration.experiment import ray_session
-
     if args.num_cpus is not None and args.num_cpus < 1:
         print(f"error: --num-cpus {args.num_cpus}: must be >= 1", file=sys.stderr)
         yield False
@@ -98,3 +101,99 @@ def connected_ray(args: argparse.Namespace) -> Iterator[bool]:
         if dashboard:
             print(f"Ray dashboard: {dashboard}", flush=True)
         yield True
+
+
+#: Ray's switch for multi-node clusters (its name is about Windows and macOS, where they are
+#: off). Off, a node takes 127.0.0.1 as its address, and every server it starts (GCS,
+#: raylet, workers, the Prometheus metrics endpoints of the dashboard, its agent and the
+#: autoscaler monitor) listens on the loopback interface only.
+RAY_CLUSTER_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # ENABLE_RAY_CLUSTERS_ENV_VAR
+#: Ray Train's switch for its preemption watcher actor.
+PREEMPTION_WATCHER_SWITCH = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+
+
+@contextlib.contextmanager
+def _loopback_only() -> Iterator[None]:
+    """This process and the Ray processes it starts treat the node as single-machine: no
+    multi-node switch, and no Train preemption watcher (a local machine is not a spot
+    instance; its actor logs an error line on every Train run)."""
+    from ray._private import ray_constants
+
+    env = {RAY_CLUSTER_SWITCH: "0", PREEMPTION_WATCHER_SWITCH: "0"}
+    # ENABLE_RAY_CLUSTER: what Ray read from the environment when it was imported
+    with (
+        mock.patch.dict(os.environ, env),
+        mock.patch.object(ray_constants, "ENABLE_RAY_CLUSTER", False),
+    ):
+        yield
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None, num_cpus: int | None, dashboard: bool) -> Iterator[str | None]:
+    """Connect to the cluster at ``address``, or start a local Ray reachable from this
+    machine only (every server on 127.0.0.1, the dashboard too); yields the dashboard URL,
+    if any, and shuts Ray down at the end (disconnects from a cluster)."""
+    import ray
+
+    with contextlib.ExitStack() as stack:
+        if address:
+            context = ray.init(address=address)
+        else:
+            stack.enter_context(_loopback_only())
+            context = ray.init(
+                num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1"
+            )
+        stack.callback(ray.shutdown)
+        yield f"http://{context.dashboard_url}" if context.dashboard_url else None
+
+
+def nodes_missing(path: str) -> list[str]:
+    """The alive nodes (by address) that do not see ``path``: one zero-CPU task per node."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    @ray.remote(num_cpus=0)
+    def sees(p: str) -> bool:
+        return os.path.exists(p)
+
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    refs = [
+        sees.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+        ).remote(path)
+        for n in nodes
+    ]
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=120)
+    missing = []
+    for node, ref in zip(nodes, refs, strict=True):
+        try:  # a node that does not answer (busy, going away) counts as not seeing it
+            ok = ref in ready and ray.get(ref)
+        except ray.exceptions.RayError:
+            ok = False
+        if not ok:
+            missing.append(f"{node['NodeManagerAddress']} ({node['NodeID'][:8]})")
+    return missing
+
+
+def check_shared_storage(storage: Storage) -> None:
+    """On a multi-node cluster, a local ``storage_path`` must be one directory that every
+    node sees (NFS mounted at the same path): a marker written here must be visible to a
+    task on every alive node. Object storage (s3://, gs://) passes as it is."""
+    import ray
+
+    if not storage.is_local or len([n for n in ray.nodes() if n["Alive"]]) < 2:
+        return
+    storage.fs.create_dir(storage.path, recursive=True)
+    marker = storage.join(f".maenas-shared-{uuid.uuid4().hex}")
+    with storage.fs.open_output_stream(marker):
+        pass
+    try:
+        missing = nodes_missing(marker)
+    finally:
+        storage.fs.delete_file(marker)
+    if missing:
+        raise StorageError(
+            f"storage_path = {storage.uri!r} is node-local: node(s) {', '.join(missing)} of "
+            "this multi-node cluster cannot see it; give s3://..., gs://... or a directory on "
+            "NFS mounted at the same path on every node"
+        )

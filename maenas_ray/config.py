@@ -1,14 +1,21 @@
-"""The typed config tree, loaded from YAML and validated before any work starts.
+"""The typed config tree and its generic loader: YAML in, validated dataclasses out.
 
 Every error is a :class:`ConfigError` naming the key, the bad value and what is allowed.
-Defaults live here and nowhere else.
+Defaults live here and nowhere else; the defaults that depend on other keys (the
+evaluation masks) are resolved when a config is built, so every reader sees values.
+
+This module knows the schema and the structural checks only. Names picked from a
+registry are checked next to the registry (``maenas_ray.data.check_dataset``,
+``maenas_ray.engines.check_objective``; both: ``maenas_ray.engines.check_registered``),
+and what only a sweep needs in ``maenas_ray.sweep_space``: the command lines call those
+after :func:`load_config`, before any work starts. It imports nothing from the data,
+engines or orchestration layers, which all import it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import itertools
 import math
 import re
 import types
@@ -25,7 +32,8 @@ class ConfigError(ValueError):
     """A config value is invalid; the message names the key, the value and what is allowed."""
 
 
-def _fail(key: str, value: Any, allowed: str) -> typing.NoReturn:
+def fail(key: str, value: Any, allowed: str) -> typing.NoReturn:
+    """Raise the :class:`ConfigError` ``"<key> = <value>: <allowed>"``."""
     raise ConfigError(f"{key} = {value!r}: {allowed}")
 
 
@@ -36,9 +44,17 @@ def suggest(value: Any, names: Iterable[Any]) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
-def _not_one_of(key: str, value: Any, names: Iterable[Any]) -> typing.NoReturn:
+def not_one_of(key: str, value: Any, names: Iterable[Any]) -> typing.NoReturn:
+    """Raise the :class:`ConfigError` of a ``value`` that is none of ``names`` (a
+    registry's keys), listing them with a ``did you mean`` when one is close."""
     names = list(names)
-    _fail(key, value, f"allowed: {', '.join(map(str, names))}{suggest(value, names)}")
+    fail(key, value, f"allowed: {', '.join(map(str, names))}{suggest(value, names)}")
+
+
+#: Search keys whose null means "the value of that other search key": the evaluation masks
+#: default to the search's own. Resolved when a :class:`SearchConfig` is built (so at load),
+#: and in a saved config dict by :func:`resolve_defaults`.
+EVAL_MASK_DEFAULTS = {"eval_mask_ratio": "mask_ratio", "eval_patch_size": "patch_size"}
 
 
 @dataclass
@@ -70,26 +86,21 @@ class DataConfig:
     augment: bool = True
 
     def check(self) -> None:
-        from maenas_ray.data import DATASETS
-
-        if self.dataset not in DATASETS:
-            _not_one_of("data.dataset", self.dataset, DATASETS)
+        """The structural checks; the name against the registry: ``data.check_dataset``."""
         _positive("data.image_size", self.image_size)
         _positive("data.num_images", self.num_images)
         if self.num_classes < 2:
-            _fail("data.num_classes", self.num_classes, "must be >= 2")
+            fail("data.num_classes", self.num_classes, "must be >= 2")
         if not 0.0 < self.train_portion < 1.0:
-            _fail("data.train_portion", self.train_portion, "must be in (0, 1)")
+            fail("data.train_portion", self.train_portion, "must be in (0, 1)")
         if self.max_images is not None:
             _positive("data.max_images", self.max_images)
         if self.num_workers < 0:
-            _fail("data.num_workers", self.num_workers, "must be >= 0")
+            fail("data.num_workers", self.num_workers, "must be >= 0")
         if self.dataset in ("cifar10", "cifar100") and self.image_size != 32:
-            _fail("data.image_size", self.image_size, f"{self.dataset} images are 32 pixels")
+            fail("data.image_size", self.image_size, f"{self.dataset} images are 32 pixels")
         if self.dataset == "imagefolder" and not Path(self.root).expanduser().is_dir():
-            _fail(
-                "data.root", self.root, "imagefolder needs an existing directory of class folders"
-            )
+            fail("data.root", self.root, "imagefolder needs an existing directory of class folders")
 
 
 @dataclass
@@ -147,7 +158,9 @@ class SearchConfig:
     early_stop_ratio: float = 0.75
     # evaluation at the end of each epoch: fixed images, fixed masks, so runs compare
     eval_images: int = 256
-    #: mask ratio / patch size of the evaluation masks; null = the search's own
+    #: mask ratio / patch size of the evaluation masks; null = the search's own, resolved
+    #: when the config is built (:data:`EVAL_MASK_DEFAULTS`): a sweep's trials, which may
+    #: tune the masking, all evaluate with the masks of the sweep's own config
     eval_mask_ratio: float | None = None
     eval_patch_size: int | None = None
     # runtime
@@ -159,58 +172,62 @@ class SearchConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        for key, own in EVAL_MASK_DEFAULTS.items():
+            if getattr(self, key) is None:
+                setattr(self, key, getattr(self, own))
+
     def check(self) -> None:
         from maenas_ray.mae import DECODERS
         from maenas_ray.space.partial import partial_channels_problem
 
         _positive("search.channels", self.channels)
         if self.layers < 3:
-            _fail("search.layers", self.layers, "must be >= 3 (one cell per resolution)")
+            fail("search.layers", self.layers, "must be >= 3 (one cell per resolution)")
         problem = partial_channels_problem(self.channels, self.partial_channels)
         if problem is not None:
-            _fail("search.partial_channels", self.partial_channels, problem)
+            fail("search.partial_channels", self.partial_channels, problem)
         for key in ("mask_ratio", "eval_mask_ratio"):
             value = getattr(self, key)
-            if value is not None and not 0.0 < value < 1.0:
-                _fail(f"search.{key}", value, "must be in (0, 1)")
+            if not 0.0 < value < 1.0:
+                fail(f"search.{key}", value, "must be in (0, 1)")
         _positive("search.patch_size", self.patch_size)
-        if self.eval_patch_size is not None:
-            _positive("search.eval_patch_size", self.eval_patch_size)
+        _positive("search.eval_patch_size", self.eval_patch_size)
         if self.decoder not in DECODERS:
-            _not_one_of("search.decoder", self.decoder, DECODERS)
+            not_one_of("search.decoder", self.decoder, DECODERS)
         _positive("search.decoder_width", self.decoder_width)
         if self.decoder_depth < 1:
-            _fail("search.decoder_depth", self.decoder_depth, "must be >= 1")
+            fail("search.decoder_depth", self.decoder_depth, "must be >= 1")
         _positive("search.epochs", self.epochs)
         _positive("search.batch_size", self.batch_size)
         if self.steps_per_epoch is not None:
             _positive("search.steps_per_epoch", self.steps_per_epoch)
         for key in ("lr", "arch_lr", "grad_clip"):
             if getattr(self, key) <= 0:
-                _fail(f"search.{key}", getattr(self, key), "must be > 0")
+                fail(f"search.{key}", getattr(self, key), "must be > 0")
         for key in ("lr_min", "weight_decay", "arch_weight_decay"):
             if getattr(self, key) < 0:
-                _fail(f"search.{key}", getattr(self, key), "must be >= 0")
+                fail(f"search.{key}", getattr(self, key), "must be >= 0")
         if self.lr_min > self.lr:
-            _fail("search.lr_min", self.lr_min, f"must be <= search.lr ({self.lr})")
+            fail("search.lr_min", self.lr_min, f"must be <= search.lr ({self.lr})")
         if not 0.0 <= self.momentum < 1.0:
-            _fail("search.momentum", self.momentum, "must be in [0, 1)")
+            fail("search.momentum", self.momentum, "must be in [0, 1)")
         if not all(0.0 <= b < 1.0 for b in self.arch_betas):
-            _fail("search.arch_betas", list(self.arch_betas), "both must be in [0, 1)")
+            fail("search.arch_betas", list(self.arch_betas), "both must be in [0, 1)")
         _positive("search.eval_images", self.eval_images)
         if self.nan_retries < 0:
-            _fail("search.nan_retries", self.nan_retries, "must be >= 0")
+            fail("search.nan_retries", self.nan_retries, "must be >= 0")
         if not 0.0 < self.nan_lr_factor < 1.0:
-            _fail("search.nan_lr_factor", self.nan_lr_factor, "must be in (0, 1)")
+            fail("search.nan_lr_factor", self.nan_lr_factor, "must be in (0, 1)")
         if self.hessian_every < 0:
-            _fail("search.hessian_every", self.hessian_every, "must be >= 0 (epochs; 0 = off)")
+            fail("search.hessian_every", self.hessian_every, "must be >= 0 (epochs; 0 = off)")
         _positive("search.hessian_iters", self.hessian_iters)
         if self.early_stop_window < 1:
-            _fail("search.early_stop_window", self.early_stop_window, "must be >= 1 (epochs)")
+            fail("search.early_stop_window", self.early_stop_window, "must be >= 1 (epochs)")
         if not 0.0 < self.early_stop_ratio < 1.0:
-            _fail("search.early_stop_ratio", self.early_stop_ratio, "must be in (0, 1)")
+            fail("search.early_stop_ratio", self.early_stop_ratio, "must be in (0, 1)")
         if self.early_stop and self.hessian_every == 0:
-            _fail("search.early_stop", True, "needs the eigenvalue: set search.hessian_every >= 1")
+            fail("search.early_stop", True, "needs the eigenvalue: set search.hessian_every >= 1")
 
 
 @dataclass
@@ -267,44 +284,44 @@ class RetrainConfig:
             if getattr(self, key) is not None:
                 _positive(f"retrain.{key}", getattr(self, key))
         if self.layers is not None and self.layers < 3:
-            _fail("retrain.layers", self.layers, "must be >= 3 (two reduction cells)")
+            fail("retrain.layers", self.layers, "must be >= 3 (two reduction cells)")
         if self.auxiliary_weight < 0:
-            _fail("retrain.auxiliary_weight", self.auxiliary_weight, "must be >= 0")
+            fail("retrain.auxiliary_weight", self.auxiliary_weight, "must be >= 0")
         if not 0.0 <= self.drop_path < 1.0:
-            _fail("retrain.drop_path", self.drop_path, "must be in [0, 1)")
+            fail("retrain.drop_path", self.drop_path, "must be in [0, 1)")
         for key in ("epochs", "batch_size", "num_workers", "proxy_epochs", "proxy_channels"):
             _positive(f"retrain.{key}", getattr(self, key))
         if self.proxy_layers < 3:
-            _fail("retrain.proxy_layers", self.proxy_layers, "must be >= 3")
+            fail("retrain.proxy_layers", self.proxy_layers, "must be >= 3")
         for key in ("steps_per_epoch", "eval_images"):
             if getattr(self, key) is not None:
                 _positive(f"retrain.{key}", getattr(self, key))
         for key in ("lr", "grad_clip", "cpus_per_worker"):
             if getattr(self, key) <= 0:
-                _fail(f"retrain.{key}", getattr(self, key), "must be > 0")
+                fail(f"retrain.{key}", getattr(self, key), "must be > 0")
         for key in ("lr_min", "weight_decay"):
             if getattr(self, key) < 0:
-                _fail(f"retrain.{key}", getattr(self, key), "must be >= 0")
+                fail(f"retrain.{key}", getattr(self, key), "must be >= 0")
         if self.lr_min > self.lr:
-            _fail("retrain.lr_min", self.lr_min, f"must be <= retrain.lr ({self.lr})")
+            fail("retrain.lr_min", self.lr_min, f"must be <= retrain.lr ({self.lr})")
         if not 0.0 < self.lr_decay <= 1.0:
-            _fail("retrain.lr_decay", self.lr_decay, "must be in (0, 1]")
+            fail("retrain.lr_decay", self.lr_decay, "must be in (0, 1]")
         if not 0.0 <= self.momentum < 1.0:
-            _fail("retrain.momentum", self.momentum, "must be in [0, 1)")
+            fail("retrain.momentum", self.momentum, "must be in [0, 1)")
         if not 0.0 <= self.label_smoothing < 1.0:
-            _fail("retrain.label_smoothing", self.label_smoothing, "must be in [0, 1)")
+            fail("retrain.label_smoothing", self.label_smoothing, "must be in [0, 1)")
         if self.cutout < 0:
-            _fail("retrain.cutout", self.cutout, "must be >= 0 (0 = off)")
+            fail("retrain.cutout", self.cutout, "must be >= 0 (0 = off)")
         if not 0.0 < self.proxy_val_fraction < 1.0:
-            _fail("retrain.proxy_val_fraction", self.proxy_val_fraction, "must be in (0, 1)")
+            fail("retrain.proxy_val_fraction", self.proxy_val_fraction, "must be in (0, 1)")
         if self.eval_images is not None and self.eval_images < self.num_workers:
-            _fail(
+            fail(
                 "retrain.eval_images",
                 self.eval_images,
                 f"must be >= retrain.num_workers ({self.num_workers}): one per worker at least",
             )
         if self.batch_size % self.num_workers:
-            _fail(
+            fail(
                 "retrain.batch_size",
                 self.batch_size,
                 f"must be divisible by retrain.num_workers ({self.num_workers})",
@@ -367,26 +384,26 @@ class TuneSection:
         if self.max_concurrent_trials is not None:
             _positive("tune.max_concurrent_trials", self.max_concurrent_trials)
         if self.cpus_per_trial <= 0:
-            _fail("tune.cpus_per_trial", self.cpus_per_trial, "must be > 0")
+            fail("tune.cpus_per_trial", self.cpus_per_trial, "must be > 0")
         g = self.gpus_per_trial
         if g < 0 or (g > 1 and g != int(g)):
-            _fail("tune.gpus_per_trial", g, "must be 0, a fraction below 1, or a whole number")
+            fail("tune.gpus_per_trial", g, "must be 0, a fraction below 1, or a whole number")
         if self.num_workers is not None:
             _positive("tune.num_workers", self.num_workers)
             if g >= 1 and self.num_workers > g:
-                _fail(
+                fail(
                     "tune.num_workers",
                     self.num_workers,
                     f"at most one worker per GPU (tune.gpus_per_trial = {g:g})",
                 )
         _positive("tune.grace_period", self.grace_period)
         if self.reduction_factor <= 1:
-            _fail("tune.reduction_factor", self.reduction_factor, "must be > 1")
+            fail("tune.reduction_factor", self.reduction_factor, "must be > 1")
         if self.max_failures < 0:
-            _fail("tune.max_failures", self.max_failures, "must be >= 0")
+            fail("tune.max_failures", self.max_failures, "must be >= 0")
         _positive("tune.checkpoints_to_keep", self.checkpoints_to_keep)
         if self.study_storage is not None and "://" not in self.study_storage:
-            _fail(
+            fail(
                 "tune.study_storage",
                 self.study_storage,
                 "an Optuna storage URL such as postgresql://user@host/db or sqlite:///study.db",
@@ -397,34 +414,15 @@ class TuneSection:
 class ObjectiveSection:
     """``objective`` section: what the outer loop optimises."""
 
-    #: a final trial metric; see ``maenas_ray.engines.OBJECTIVES``. proxy_top1: held-out
+    #: a final trial metric: see ``maenas_ray.engines.OBJECTIVES`` (checked there,
+    #: ``check_objective``, with the mode). proxy_top1: held-out
     #: top-1 of a short proxy retrain of each trial's genotype (uses the labels; the
     #: retrain section's proxy_* keys); eval_loss: the label-free masked reconstruction
     #: loss with fixed reference masks
     metric: str = "proxy_top1"
     #: null = the metric's natural direction (min for losses, max for PSNR and accuracy);
-    #: given, it must agree with it (a loss is never maximised)
+    #: given, it must agree with it (a loss is never maximised); ``engines.objective_mode``
     mode: Literal["min", "max"] | None = None
-
-    def check(self) -> None:
-        from maenas_ray.engines import OBJECTIVES
-
-        if self.metric not in OBJECTIVES:
-            _not_one_of("objective.metric", self.metric, OBJECTIVES)
-        natural = OBJECTIVES[self.metric]
-        if self.mode is not None and self.mode != natural:
-            _fail(
-                "objective.mode",
-                self.mode,
-                f"objective.metric = {self.metric!r} is optimised with mode {natural!r}; "
-                "drop objective.mode (it follows the metric) or set it to "
-                f"{natural!r}",
-            )
-
-    def resolved_mode(self) -> str:
-        from maenas_ray.engines import OBJECTIVES
-
-        return self.mode or OBJECTIVES[self.metric]
 
 
 def _default_space() -> dict[str, ParamSpec]:
@@ -456,15 +454,18 @@ class Config:
     name: str | None = None
 
     def check(self) -> None:
+        """The structural checks of every section (what a search needs of them).
+
+        The registered names are checked by ``engines.check_registered``, a sweep by
+        ``sweep_space.check_sweep`` and a retrain run by :meth:`check_retrain`."""
         self.data.check()
         self.search.check()
         self.retrain.check()
         self.tune.check()
-        self.objective.check()
         self._check_search()
         self._check_splits()
 
-    def _known_size(self) -> tuple[str, int] | None:
+    def known_size(self) -> tuple[str, int] | None:
         """The number of training images when the config gives it (the synthetic dataset,
         or any capped by data.max_images), with the key that sets it; None otherwise."""
         d = self.data
@@ -474,146 +475,34 @@ class Config:
 
     def _check_splits(self) -> None:
         """The W- and A-split each hold a search batch (found here, not inside a trial)."""
-        known = self._known_size()
+        known = self.known_size()
         if known is None:
             return  # known only once the dataset is read
         key, n = known
         w = int(n * self.data.train_portion)
         for split, size in (("W", w), ("A", n - w)):
             if size < self.search.batch_size:
-                _fail(
+                fail(
                     key, n, f"the {split}-split would hold {size} images (data.train_portion "
                     f"{self.data.train_portion}), fewer than search.batch_size "
                     f"({self.search.batch_size})",
                 )  # fmt: skip
-
-    def _check_proxy_split(self) -> None:
-        """The proxy retrain's training images hold a retrain batch."""
-        known = self._known_size()
-        if known is None:
-            return
-        key, n = known
-        train = n - max(1, int(n * self.retrain.proxy_val_fraction))
-        if train < self.retrain.batch_size:
-            _fail(
-                key, n, f"the proxy retrain would train on {train} images, fewer than "
-                f"retrain.batch_size ({self.retrain.batch_size})",
-            )  # fmt: skip
-
-    def check_sweep(self) -> None:
-        """The checks of a sweep on top of :meth:`check`: workers and the tuned space."""
-        self._check_workers()
-        if self.name is not None and not _NAME.fullmatch(self.name):
-            _fail("name", self.name, "letters, digits, '.', '_' and '-' only (a directory name)")
-        if self.name is not None and len(self.name) > MAX_NAME:
-            _fail("name", self.name, f"at most {MAX_NAME} characters (a directory name)")
-        if not self.storage_path:
-            _fail("storage_path", self.storage_path, "a directory or an s3:// or gs:// URI")
-        if not self.space:
-            _fail("space", self.space, "name at least one search key to tune")
-        self._check_space()
-        if self.objective.metric.startswith("proxy_"):
-            if self.tune.scheduler == "asha":
-                _fail(
-                    "tune.scheduler",
-                    "asha",
-                    f"stops trials on search epochs; objective.metric = "
-                    f"{self.objective.metric!r} exists only after the proxy retrain: use fifo",
-                )
-            workers = self.tune.workers()
-            if self.retrain.batch_size % workers:
-                _fail(
-                    "retrain.batch_size",
-                    self.retrain.batch_size,
-                    f"must be divisible by the {workers} Ray Train workers of a trial",
-                )
-            self._check_network(proxy=True)
-            self._check_proxy_split()
-        tuned_masks = sorted({"mask_ratio", "patch_size"} & set(self.space))
-        if self.objective.metric in ("val_loss", "val_psnr") and tuned_masks:
-            _fail(
-                "objective.metric",
-                self.objective.metric,
-                f"is measured with each trial's own masks, and space tunes {tuned_masks}: "
-                "trials would not compare; use eval_loss or eval_psnr (fixed reference masks)",
-            )
-        if self.tune.sampler == "grid":
-            ranges = [k for k, spec in self.space.items() if spec.choice is None]
-            if ranges:
-                _fail("tune.sampler", "grid", f"needs choice lists in space, not ranges ({ranges})")
-            points = math.prod(len(spec.choice or ()) for spec in self.space.values())
-            if self.tune.num_samples != points:
-                _fail(
-                    "tune.num_samples",
-                    self.tune.num_samples,
-                    f"the grid of the space has {points} points; run each once",
-                )
-
-    def _check_space(self) -> None:
-        """Every tuned key exists, its spec fits its type, and the extremes are valid."""
-        hints = typing.get_type_hints(SearchConfig)
-        corners: list[list[tuple[str, Any]]] = []
-        for key, spec in self.space.items():
-            where = f"space.{key}"
-            if key not in hints:
-                names = ", ".join(f.name for f in dataclasses.fields(SearchConfig))
-                raise ConfigError(
-                    f"{where}: not a search key; tunable keys: {names}{suggest(key, hints)}"
-                )
-            tp = hints[key]
-            if spec.choice is not None:
-                if spec.low is not None or spec.high is not None:
-                    _fail(where, dataclasses.asdict(spec), "give either low/high or choice")
-                if not spec.choice:
-                    _fail(f"{where}.choice", spec.choice, "must list at least one value")
-                values = [_coerce(tp, v, f"{where}.choice") for v in spec.choice]
-            else:
-                if spec.low is None or spec.high is None:
-                    _fail(where, dataclasses.asdict(spec), "needs low and high, or choice")
-                if not numeric_type(tp):
-                    _fail(where, dataclasses.asdict(spec), f"search.{key} takes choice only")
-                if spec.low >= spec.high:
-                    _fail(f"{where}.low", spec.low, f"must be below high ({spec.high})")
-                if spec.log and spec.low <= 0:
-                    _fail(f"{where}.low", spec.low, "must be > 0 with log: true")
-                if spec.log and spec.step is not None:
-                    _fail(f"{where}.step", spec.step, "cannot be combined with log: true")
-                if spec.step is not None and spec.step <= 0:
-                    _fail(f"{where}.step", spec.step, "must be > 0")
-                if numeric_type(tp) is int:
-                    for bound in ("low", "high", "step"):
-                        v = getattr(spec, bound)
-                        if v is not None and v != int(v):
-                            _fail(f"{where}.{bound}", v, f"search.{key} is an integer")
-                values = [numeric_type(tp)(spec.low), numeric_type(tp)(spec.high)]
-            corners.append([(key, v) for v in values])
-        for combo in itertools.islice(itertools.product(*corners), 512):
-            point_search = dataclasses.replace(self.search, **dict(combo))
-            trial = dataclasses.replace(self, search=point_search)
-            try:
-                trial.search.check()
-                trial._check_search()
-                trial._check_splits()
-                trial._check_workers()
-            except ConfigError as err:
-                point = ", ".join(f"{k}={v!r}" for k, v in combo)
-                raise ConfigError(f"space: the trial point {point} is invalid: {err}") from None
 
     def check_retrain(self) -> None:
         """The checks of a retrain run (``python -m maenas_ray.retrain``) on top of
         :meth:`check`: the batch splits over the workers and the network fits the images."""
         r = self.retrain
         if r.batch_size % r.num_workers:
-            _fail(
+            fail(
                 "retrain.batch_size",
                 r.batch_size,
                 f"must be divisible by retrain.num_workers ({r.num_workers})",
             )
-        self._check_network(proxy=False)
+        self.check_network(proxy=False)
 
-    def _check_network(self, proxy: bool) -> None:
-        """The retrain (or proxy) network can be built at this image size (its auxiliary
-        head needs room), as the retrain engine builds it."""
+    def check_network(self, proxy: bool) -> None:
+        """The retrain (or, ``proxy``, a sweep trial's proxy) network can be built at this
+        image size (its auxiliary head needs room), as the retrain engine builds it."""
         from maenas_ray.space import PUBLISHED, build_network
         from maenas_ray.space.networks import KNOWN_DATASETS
 
@@ -630,22 +519,13 @@ class Config:
             )  # fmt: skip
         except ValueError as err:
             if auxiliary and "auxiliary" in str(err):
-                _fail(
+                fail(
                     "retrain.auxiliary",
                     r.auxiliary,
                     f"{what} at data.image_size {d.image_size}: {err}; "
                     "set retrain.auxiliary: false",
                 )
-            _fail("data.image_size", d.image_size, f"{what}: {err}")
-
-    def _check_workers(self) -> None:
-        workers = self.tune.workers()
-        if self.search.batch_size % workers:
-            _fail(
-                "search.batch_size",
-                self.search.batch_size,
-                f"must be divisible by the {workers} Ray Train workers of a trial",
-            )
+            fail("data.image_size", d.image_size, f"{what}: {err}")
 
     def _check_search(self) -> None:
         from maenas_ray.mae import num_masked
@@ -656,10 +536,9 @@ class Config:
             ("mask_ratio", "patch_size"),
             ("eval_mask_ratio", "eval_patch_size"),
         ):
-            ratio = getattr(s, ratio_key) or s.mask_ratio
-            patch = getattr(s, patch_key) or s.patch_size
+            ratio, patch = getattr(s, ratio_key), getattr(s, patch_key)
             if size % patch:
-                _fail(
+                fail(
                     f"search.{patch_key}",
                     patch,
                     f"must divide data.image_size ({size}); divisors: {_divisors(size)}",
@@ -667,7 +546,7 @@ class Config:
             patches = (size // patch) ** 2
             masked = num_masked(size, size, patch, ratio)
             if not 0 < masked < patches:
-                _fail(
+                fail(
                     f"search.{ratio_key}",
                     ratio,
                     f"masks {masked} of the {patches} patches of size {patch}; "
@@ -675,17 +554,12 @@ class Config:
                 )
         stride = 8 if s.stem == "imagenet" else 1
         if size % (stride * 4):
-            _fail(
-                "data.image_size", size, f"must be a multiple of {stride * 4} for stem {s.stem!r}"
-            )
+            fail("data.image_size", size, f"must be a multiple of {stride * 4} for stem {s.stem!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))
 
 
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-#: longest experiment / run name: a directory name, with room for Tune's own suffixes
-MAX_NAME = 200
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
@@ -697,7 +571,7 @@ def numeric_type(tp: Any) -> type | None:
 
 def _positive(key: str, value: Any) -> None:
     if value < 1:
-        _fail(key, value, "must be a positive integer")
+        fail(key, value, "must be a positive integer")
 
 
 def _divisors(n: int) -> list[int]:
@@ -729,40 +603,40 @@ def _type_name(tp: Any) -> str:
     )
 
 
-def _coerce(tp: Any, value: Any, key: str) -> Any:
+def coerce(tp: Any, value: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return _build(tp, value, key)
     if tp is Any:
         if value is None or isinstance(value, (bool, int, float, str)):
             return value
-        _fail(key, value, "expected a number, a string, true or false")
+        fail(key, value, "expected a number, a string, true or false")
     if origin is dict:
         _, inner = typing.get_args(tp)
         if not isinstance(value, Mapping):
-            _fail(key, value, "expected a mapping of keys to values")
-        return {str(k): _coerce(inner, v, f"{key}.{k}") for k, v in value.items()}
+            fail(key, value, "expected a mapping of keys to values")
+        return {str(k): coerce(inner, v, f"{key}.{k}") for k, v in value.items()}
     if origin is list:
         (inner,) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
-            _fail(key, value, "expected a list")
-        return [_coerce(inner, v, f"{key}[{i}]") for i, v in enumerate(value)]
+            fail(key, value, "expected a list")
+        return [coerce(inner, v, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin in (types.UnionType, typing.Union):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
         (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(inner, value, key)
+        return coerce(inner, value, key)
     if origin is Literal:
         if value in typing.get_args(tp):
             return value
         choices = typing.get_args(tp)
-        _fail(key, value, f"expected {_type_name(tp)}{suggest(value, choices)}")
+        fail(key, value, f"expected {_type_name(tp)}{suggest(value, choices)}")
     elif origin is tuple:
         args = typing.get_args(tp)
         if isinstance(value, (list, tuple)) and len(value) == len(args):
             return tuple(
-                _coerce(a, v, f"{key}[{i}]")
+                coerce(a, v, f"{key}[{i}]")
                 for i, (a, v) in enumerate(zip(args, value, strict=True))
             )
     elif tp is bool:
@@ -776,21 +650,21 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if not math.isfinite(value):
-                _fail(key, value, "expected a finite number")
+                fail(key, value, "expected a finite number")
             return float(value)
     elif tp is str:
         if isinstance(value, str):
             return value
     else:  # pragma: no cover - a field type this loader does not know
         raise TypeError(f"config field {key} has unsupported type {tp}")
-    _fail(key, value, f"expected {_type_name(tp)}")
+    fail(key, value, f"expected {_type_name(tp)}")
 
 
 def _build(cls: type, data: Any, prefix: str) -> Any:
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
-        _fail(prefix or "config", data, "expected a mapping of keys to values")
+        fail(prefix or "config", data, "expected a mapping of keys to values")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     for key in data:
@@ -800,7 +674,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
                 f"unknown key {full!r}; allowed keys here: {', '.join(names)}{suggest(key, names)}"
             )
     kwargs = {
-        name: _coerce(hints[name], data[name], f"{prefix}.{name}" if prefix else name)
+        name: coerce(hints[name], data[name], f"{prefix}.{name}" if prefix else name)
         for name in names
         if name in data
     }
@@ -830,6 +704,42 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested dict as one level of dotted keys: ``{"search": {"lr": 0.1}}`` ->
+    ``{"search.lr": 0.1}`` (each key after ``prefix``)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` (not modified) with the nested keys of ``update`` set, e.g. a sweep's
+    config with a trial's tuned ``{"search": {"mask_ratio": 0.6}}``."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def resolve_defaults(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A plain config dict with the defaults that building a config resolves
+    (:data:`EVAL_MASK_DEFAULTS`) set: a config saved before they were resolved at load
+    (a checkpoint's, with null evaluation masks) compares equal to the ``to_dict()`` of the
+    same config loaded now."""
+    search = data.get("search")
+    if not isinstance(search, Mapping):
+        return dict(data)
+    own = {k: search.get(v) for k, v in EVAL_MASK_DEFAULTS.items() if search.get(k) is None}
+    return merge(data, {"search": {k: v for k, v in own.items() if v is not None}})
+
+
 def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
     """Set dotted keys in a nested dict (a copy); unknown keys are caught when it is built."""
     data = _to_plain(dict(data))
@@ -846,24 +756,21 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
     return data
 
 
-def config_from_dict(
-    data: Mapping[str, Any] | None, overrides: Iterable[str] = (), *, sweep: bool = False
-) -> Config:
-    """Build and validate the config tree from plain data (e.g. parsed YAML).
+def config_from_dict(data: Mapping[str, Any] | None, overrides: Iterable[str] = ()) -> Config:
+    """Build the config tree from plain data (e.g. parsed YAML) with ``--set`` items
+    applied, and run its structural checks (:meth:`Config.check`).
 
-    ``sweep=True`` also checks what a sweep needs (:meth:`Config.check_sweep`).
+    Entry points check on top: ``engines.check_registered`` (a search or retrain),
+    ``sweep_space.check_sweep`` (a sweep), :meth:`Config.check_retrain` (a retrain).
     """
     cfg = _build(Config, apply_overrides(dict(data or {}), overrides), "")
     cfg.check()
-    if sweep:
-        cfg.check_sweep()
     return cfg
 
 
-def load_config(
-    path: str | Path | None = None, overrides: Iterable[str] = (), *, sweep: bool = False
-) -> Config:
-    """Load a YAML config file (or the defaults when ``path`` is None) and apply ``--set`` items."""
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
+    """Load a YAML config file (or the defaults when ``path`` is None), apply ``--set``
+    items and check it as :func:`config_from_dict` does."""
     data: Any = {}
     if path is not None:
         path = Path(path)
@@ -881,4 +788,4 @@ def load_config(
             data = {}
         if not isinstance(data, dict):
             raise ConfigError(f"config file {str(path)!r}: expected a mapping at the top level")
-    return config_from_dict(data, overrides, sweep=sweep)
+    return config_from_dict(data, overrides)

@@ -17,6 +17,7 @@ import argparse
 import sys
 from typing import Any
 
+from maenas_ray.config import flatten
 from maenas_ray.engines.search import NEAR_UNIFORM, UNIFORM_ENTROPY, uniform_alpha_warning
 from maenas_ray.results import Experiment, ExperimentError, Trial, load_experiment
 
@@ -33,16 +34,6 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--out", help="write to this file (needed for parquet) instead of stdout")
     return p
-
-
-def _flat(prefix: str, tree: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(f"{prefix}{key}.", value))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def _ranked(exp: Experiment, metric: str | None = None, mode: str | None = None) -> list[Trial]:
@@ -64,7 +55,7 @@ def trial_rows(exp: Experiment) -> list[dict[str, Any]]:
             "rank": ranks.get(t.trial_id),
             "status": t.status,
         }
-        row.update(_flat("param.", t.params))
+        row.update(flatten(t.params, "param."))
         row.update(
             {
                 f"metric.{k}": float(v)

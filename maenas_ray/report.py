@@ -36,6 +36,7 @@ import pyarrow.fs
 from matplotlib.ticker import MaxNLocator
 
 from maenas_ray.config import SearchConfig, numeric_type
+from maenas_ray.engines import objective_mode
 from maenas_ray.engines.search import UNIFORM_ENTROPY
 from maenas_ray.genotypes import leaderboard_notes, leaderboard_rows
 from maenas_ray.results import (
@@ -133,10 +134,13 @@ def _trials_study(exp: Experiment, metric: str, mode: str) -> Any:
     for key, spec in exp.config.space.items():
         if spec.choice is not None:
             dist: Any = CategoricalDistribution(spec.choice)
-        elif _is_int(key):
-            dist = IntDistribution(int(spec.low), int(spec.high), log=spec.log)
         else:
-            dist = FloatDistribution(spec.low, spec.high, log=spec.log)
+            # a spec without choice has low and high (sweep_space.check_sweep)
+            assert spec.low is not None and spec.high is not None
+            if _is_int(key):
+                dist = IntDistribution(int(spec.low), int(spec.high), log=spec.log)
+            else:
+                dist = FloatDistribution(spec.low, spec.high, log=spec.log)
         distributions[f"search/{key}"] = dist
     study = optuna.create_study(direction="minimize" if mode == "min" else "maximize")
     for t in exp.trials():
@@ -175,7 +179,10 @@ def _study_sections(exp: Experiment, metric: str, mode: str, out: Path) -> list[
         fig = new_figure((6.4, 3.6))
         ax = fig.add_subplot()
         numbers = [t.number for t in done]
-        values = [t.value for t in done]
+        values: list[float] = []
+        for t in done:
+            assert t.value is not None  # a completed single-objective trial has its value
+            values.append(t.value)
         pick = min if study.direction == optuna.study.StudyDirection.MINIMIZE else max
         running = [pick(values[: i + 1]) for i in range(len(values))]
         ax.scatter(numbers, values, color="tab:blue", label=metric, zorder=2)
@@ -230,7 +237,8 @@ def _collapse(exp: Experiment, out: Path) -> Section:
     ax = fig.add_subplot()
     for (decoder, pts), marker in zip(sorted(points.items()), "osD^v", strict=False):
         pts.sort()
-        ax.scatter(*zip(*pts, strict=True), marker=marker, s=40, alpha=0.7, label=decoder)
+        xs, ys = zip(*pts, strict=True)
+        ax.scatter(xs, ys, marker=marker, s=40, alpha=0.7, label=decoder)
         ratios = sorted({r for r, _ in pts})
         means = [sum(s for r, s in pts if r == x) / sum(r == x for r, _ in pts) for x in ratios]
         ax.plot(ratios, means, alpha=0.6)
@@ -406,7 +414,7 @@ def write_report(exp: Experiment, out: str | os.PathLike, top: int = 3) -> Path:
         raise ExperimentError(f"{exp.uri} has no trials yet: nothing to report")
     target = Path(out)
     target.mkdir(parents=True, exist_ok=True)
-    metric, mode = exp.config.objective.metric, exp.config.objective.resolved_mode()
+    metric, mode = exp.config.objective.metric, objective_mode(exp.config.objective)
     try:
         ranked = exp.best(len(trials), metric, mode)
     except ExperimentError:  # nothing scored yet

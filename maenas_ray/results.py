@@ -153,12 +153,12 @@ class Experiment:
         """``metric`` (default: the sweep's objective) and its ``mode`` (default: the
         objective's mode, else the metric's natural direction), checked against what the
         trials report."""
-        from maenas_ray.engines import OBJECTIVES
+        from maenas_ray.engines import OBJECTIVES, objective_mode
 
         metric = metric or self.config.objective.metric
         if mode is None:
             own = metric == self.config.objective.metric
-            mode = self.config.objective.resolved_mode() if own else OBJECTIVES.get(metric)
+            mode = objective_mode(self.config.objective) if own else OBJECTIVES.get(metric)
         if metric not in self.metrics():
             known = ", ".join(self.metrics()) or "none yet"
             raise ExperimentError(f"unknown metric {metric!r}; the trials report: {known}")
@@ -246,14 +246,16 @@ class Experiment:
         retrain reports NaN) never rank."""
         metric, mode = self.resolve_metric(metric, mode)
         scored = [
-            (t.genotype, t.score(metric), t)
+            (t.genotype, score, t)
             for t in self._trials
-            if t.status != "error" and t.genotype is not None and t.score(metric) is not None
+            if t.status != "error"
+            and t.genotype is not None
+            and (score := t.score(metric)) is not None
         ]
         if not scored:
             raise ExperimentError(f"no trial of {self.uri} has a genotype and a {metric} yet")
-        scored.sort(key=lambda g: g[1] if mode == "min" else -g[1])  # type: ignore[operator]
-        return scored[:k]  # type: ignore[return-value]
+        scored.sort(key=lambda g: g[1] if mode == "min" else -g[1])
+        return scored[:k]
 
 
 def _read_bytes(fs: pyarrow.fs.FileSystem, path: str) -> bytes | None:
@@ -355,6 +357,7 @@ def load_experiment(path: str, filesystem: pyarrow.fs.FileSystem | None = None) 
             and _mtime(fs, f"{tdir}/error.txt") >= _mtime(fs, f"{tdir}/result.json")
         )
         status = "done" if done else "error" if errored else "unfinished"
+        message = error.strip() if errored and error is not None else ""
         trials.append(
             Trial(
                 trial_id=str(metrics.get("trial_id") or entry.base_name.removeprefix("trial_")),
@@ -362,7 +365,7 @@ def load_experiment(path: str, filesystem: pyarrow.fs.FileSystem | None = None) 
                 params=params,
                 metrics=metrics,
                 status=status,
-                error=error.strip().splitlines()[-1] if errored and error.strip() else None,
+                error=message.splitlines()[-1] if message else None,
                 genotype=genotype,
                 history=history,
             )

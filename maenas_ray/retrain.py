@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,12 +22,14 @@ from maenas_ray.cli import (
     STORAGE_ENV,
     UsageError,
     add_ray_arguments,
+    check_shared_storage,
     config_overrides,
     connected_ray,
 )
-from maenas_ray.config import MAX_NAME, Config, ConfigError, load_config
+from maenas_ray.config import Config, ConfigError, load_config
 from maenas_ray.results import RETRAINS_DIR
 from maenas_ray.space import PUBLISHED, Genotype
+from maenas_ray.storage import StorageError
 
 if TYPE_CHECKING:
     from maenas_ray.results import Experiment
@@ -114,7 +115,9 @@ def record_retrain(job: Job, metrics: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from maenas_ray.orchestration.experiment import StorageError, check_writable, resolve_storage
+    from maenas_ray.engines import check_registered
+    from maenas_ray.storage import check_writable, resolve_storage
+    from maenas_ray.sweep_space import name_problem
 
     args = _parser().parse_args(argv)
     overrides = config_overrides(args)
@@ -137,11 +140,11 @@ def main(argv: list[str] | None = None) -> int:
             jobs = [Job(*read_genotype(args.genotype))]
         if args.name and len(jobs) > 1:
             raise UsageError("--name names one run; leave it out with --top > 1")
-        if args.name and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", args.name):
-            raise UsageError(f"--name {args.name!r}: letters, digits, '.', '_' and '-' only")
-        if args.name and len(args.name) > MAX_NAME:
-            raise UsageError(f"--name {args.name!r}: at most {MAX_NAME} characters")
+        problem = name_problem(args.name) if args.name else None
+        if problem is not None:
+            raise UsageError(f"--name {args.name!r}: {problem}")
 
+        check_registered(cfg)
         cfg.check_retrain()
         if not args.address:
             check_local_gpus(cfg)
@@ -179,8 +182,6 @@ def check_local_gpus(cfg: Config) -> None:
 def _run(args: argparse.Namespace, cfg: Config, storage, jobs: list[Job]) -> int:
     import ray
 
-    from maenas_ray.orchestration.experiment import StorageError, check_shared_storage
-
     with connected_ray(args) as connected:
         if not connected:
             return 2
@@ -199,15 +200,21 @@ def _run(args: argparse.Namespace, cfg: Config, storage, jobs: list[Job]) -> int
 
 def _retrain(args: argparse.Namespace, cfg: Config, storage, job: Job) -> bool:
     """One retraining as a Ray Train job; False (error printed) when it failed."""
-    from maenas_ray.orchestration.retrain_job import retrain_trainer
+    import ray.train
+
+    from maenas_ray.orchestration.stages import Run, stage_trainer
 
     label, genotype = job.label, job.genotype
     name = args.name or f"retrain-{label}-{genotype_id(genotype)}"
     run = storage.experiment(name)
     print(f"retraining {label} -> {run.uri}\n  {genotype!r}", flush=True)
-    trainer = retrain_trainer(
-        cfg, genotype, storage_path=storage.path, name=name, filesystem=storage.fs
+    run_dir = f"{storage.path.rstrip('/')}/{name}"
+    r = cfg.retrain
+    resources = {"CPU": r.cpus_per_worker, **({"GPU": 1} if r.use_gpu else {})}
+    scaling = ray.train.ScalingConfig(
+        num_workers=r.num_workers, use_gpu=r.use_gpu, resources_per_worker=resources
     )
+    trainer = stage_trainer(Run("retrain", cfg, storage.fs, run_dir, genotype), scaling, keep=2)
     try:
         result = trainer.fit()
     except Exception as err:  # the job's error, named; the other jobs go on

@@ -15,12 +15,11 @@ from pathlib import Path
 
 import yaml
 
-from maenas_ray.config import ConfigError, load_config
+from maenas_ray.config import ConfigError, load_config, resolve_defaults
+from maenas_ray.engines import check_registered
+from maenas_ray.engines.common import CheckpointMismatchError, EpochReport, SearchCallback
 from maenas_ray.engines.search import (
     CHECKPOINT_FILE,
-    CheckpointMismatchError,
-    EpochReport,
-    SearchCallback,
     load_search_state,
     run_search,
     uniform_alpha_warning,
@@ -88,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         config_path = out / "config.yaml"  # continue with the config the search started with
     try:
         cfg = load_config(config_path, args.overrides)
+        check_registered(cfg)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -105,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
+        # a checkpoint from before the evaluation masks were resolved at load holds nulls
+        state["config"] = resolve_defaults(state["config"])
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     if state is not None:  # metrics.jsonl = the checkpoint's history, then the new epochs

@@ -1,5 +1,6 @@
 """Storage locations of experiments: a local or NFS directory, ``s3://`` or ``gs://``,
-all through ``pyarrow.fs`` (no Ray needed)."""
+all through ``pyarrow.fs`` (no Ray needed); files written whole, on a full disk too
+(``WholeFiles`` for Ray Tune's state, ``WholeLinesJournal`` for the Optuna study)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any
 
 import pyarrow
 import pyarrow.fs
+from optuna.storages.journal import JournalFileBackend
 
 
 class StorageError(ValueError):
@@ -220,3 +222,40 @@ def tune_filesystem(storage: Storage) -> pyarrow.fs.FileSystem:
     if storage.is_local:
         return pyarrow.fs.PyFileSystem(WholeFiles())
     return storage.fs
+
+
+def repair_journal(path: str) -> int:
+    """Cut a journal file back to its last whole line (a line cut short by a full disk or a
+    kill was never acknowledged to Optuna); returns the bytes removed."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return 0
+    keep = data.rfind(b"\n") + 1
+    if keep < len(data):
+        os.truncate(path, keep)
+    return len(data) - keep
+
+
+class WholeLinesJournal(JournalFileBackend):
+    """Optuna's journal file, whose lines are whole: a cut line left by a crash is removed
+    when it is opened, and an append that fails (a full disk) is taken back, so the next
+    append never lands behind half a line (which Optuna would refuse to read)."""
+
+    def __init__(self, file_path: str) -> None:
+        repair_journal(file_path)
+        super().__init__(file_path)
+
+    def append_logs(self, logs: list[dict[str, Any]]) -> None:
+        try:
+            size = os.path.getsize(self._file_path)
+        except FileNotFoundError:
+            size = 0
+        try:
+            super().append_logs(logs)
+        except OSError:
+            # the sweep's driver is the journal's only writer: nothing was appended since
+            with contextlib.suppress(OSError):
+                os.truncate(self._file_path, size)
+            raise

@@ -30,6 +30,7 @@ from maenas_ray.cli import (
     STORAGE_ENV,
     UsageError,
     add_ray_arguments,
+    check_shared_storage,
     config_overrides,
     connected_ray,
 )
@@ -60,7 +61,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _fresh(args: argparse.Namespace):  # -> (Config, Storage, name)
-    from maenas_ray.orchestration.experiment import check_writable, prepare, resolve_storage
+    from maenas_ray.storage import check_writable, resolve_storage
+    from maenas_ray.sweep_space import load_sweep
 
     overrides = config_overrides(args)
     if args.name is not None:
@@ -68,7 +70,7 @@ def _fresh(args: argparse.Namespace):  # -> (Config, Storage, name)
     if args.num_samples is not None:
         overrides.append(f"tune.num_samples={args.num_samples}")
     path = args.config or QUICKSTART
-    cfg = prepare(load_config(path, overrides, sweep=True))
+    cfg = load_sweep(path, overrides)
     name = cfg.name or f"{Path(path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     cfg = dataclasses.replace(cfg, name=name)  # trials and sweep_config.yaml agree
     storage = resolve_storage(cfg.storage_path)
@@ -83,12 +85,8 @@ def _fresh(args: argparse.Namespace):  # -> (Config, Storage, name)
 
 
 def _resumed(args: argparse.Namespace):  # -> (Config, Storage, name)
-    from maenas_ray.orchestration.experiment import (
-        CONFIG_FILE,
-        check_writable,
-        load_sweep_config,
-        resolve_storage,
-    )
+    from maenas_ray.orchestration.experiment import CONFIG_FILE, load_sweep_config
+    from maenas_ray.storage import check_writable, resolve_storage
 
     if args.overrides or args.num_samples is not None:
         raise UsageError(
@@ -138,8 +136,6 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         # Everything that can be checked is checked before Ray starts.
-        from maenas_ray.orchestration.experiment import StorageError
-
         try:
             cfg, storage, name = _resumed(args) if args.resume else _fresh(args)
         except StorageError as err:
@@ -234,10 +230,11 @@ def _fit(
     whether Ctrl-C stopped it."""
     import ray
 
+    from maenas_ray.engines import objective_mode
     from maenas_ray.orchestration import experiment as ex
 
     exp = storage.experiment(name)
-    ex.check_shared_storage(storage)
+    check_shared_storage(storage)
     if resume:
         print(f"resuming {exp.uri}", flush=True)
         if removed := remove_partial_files(exp):
@@ -252,7 +249,7 @@ def _fit(
         exp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), ex.CONFIG_FILE)
         print(
             f"sweep {name}: {cfg.tune.num_samples} trials, at most {concurrency} at once, "
-            f"objective {cfg.objective.metric} ({cfg.objective.resolved_mode()}) -> {exp.uri}",
+            f"objective {cfg.objective.metric} ({objective_mode(cfg.objective)}) -> {exp.uri}",
             flush=True,
         )
         tuner = ex.build_tuner(cfg, storage, name, concurrency)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import torch
 from matplotlib.axes import Axes
@@ -42,7 +43,10 @@ PathLike = str | os.PathLike
 _ROW_NAMES = ("original", "masked", "reconstruction")
 
 
-def new_figure(figsize: tuple[float, float], layout: str | None = "constrained") -> Figure:
+def new_figure(
+    figsize: tuple[float, float],
+    layout: Literal["constrained", "compressed", "tight"] | None = "constrained",
+) -> Figure:
     """A figure on its own Agg canvas (no pyplot, no display)."""
     fig = Figure(figsize=figsize, dpi=100, layout=layout)
     FigureCanvasAgg(fig)
@@ -187,6 +191,7 @@ def save_alpha_heatmaps(
         for node in range(NODES - 1):
             start += node + 2
             ax.axhline(start - 0.5, color="white", linewidth=1.5)
+    assert image is not None  # two cells, two images
     fig.colorbar(image, ax=list(axes), shrink=0.8, label="softmax(α)")
     if title:
         fig.suptitle(title)

@@ -24,3 +24,10 @@ def dead_pid() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
     return proc.pid
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The multi-node tests (``ray.cluster_utils.Cluster``) run first: a process that has run
+    a local, loopback-only Ray (as every local sweep does) cannot drive trials on a cluster
+    afterwards (measured: the GCS cancels them as owned by a dead worker)."""
+    items.sort(key=lambda item: item.path.name != "test_cluster.py")

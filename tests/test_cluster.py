@@ -17,15 +17,16 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.cluster_utils import Cluster
 from test_sweep import TINY  # tests/ is on sys.path (pytest's rootdir conftest)
 
-from maenas_ray.cli import STORAGE_ENV
-from maenas_ray.config import config_from_dict
+from maenas_ray import cli
+from maenas_ray.cli import STORAGE_ENV, check_shared_storage, nodes_missing
+from maenas_ray.config import config_from_dict, merge
 from maenas_ray.genotypes import main as genotypes
 from maenas_ray.orchestration import experiment as ex
-from maenas_ray.orchestration.search_job import merge
-from maenas_ray.orchestration.train_jobs import NotSharedError, require_visible
+from maenas_ray.orchestration.stages import NotSharedError, require_visible
 from maenas_ray.results import load_experiment
 from maenas_ray.storage import StorageError, resolve_storage
 from maenas_ray.sweep import main as sweep
+from maenas_ray.sweep_space import check_sweep
 
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER_YAMLS = sorted((REPO / "cluster").glob("*.yaml"))
@@ -103,9 +104,8 @@ def test_a_node_that_cannot_see_the_storage_fails_with_a_clear_error(tmp_path):
 @pytest.fixture
 def three_nodes():
     """A head without CPUs and two worker nodes with one logical GPU each (not connected:
-    the sweep's ``--address`` connects). Measured: a pytest process that has run a local,
-    loopback-only Ray (``experiment._loopback_only``) before cannot drive trials here (the
-    GCS cancels them as owned by a dead worker), so no earlier test module may start one."""
+    the sweep's ``--address`` connects). This module runs first (conftest.py): a process
+    that has run a loopback-only local Ray cannot drive trials on a cluster afterwards."""
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     workers = [cluster.add_node(num_cpus=2, num_gpus=1) for _ in range(2)]
     cluster.wait_for_nodes()
@@ -152,17 +152,17 @@ def test_a_sweep_spreads_trials_over_worker_nodes_into_one_shared_directory(
     # reported for all three
     assert not ray.is_initialized()
     ray.init(address=cluster.address)
-    ex.check_shared_storage(resolve_storage(str(store)))
-    assert len(ex.nodes_missing(str(tmp_path / "nowhere"))) == 3
+    check_shared_storage(resolve_storage(str(store)))
+    assert len(nodes_missing(str(tmp_path / "nowhere"))) == 3
 
 
 def test_a_multi_node_cluster_refuses_node_local_storage(three_nodes, tmp_path, monkeypatch):
     ray.init(address=three_nodes[0].address)
     # as if a worker node could not see the directory: its probe task finds nothing
-    monkeypatch.setattr(ex, "nodes_missing", lambda path: ["192.0.2.7 (0123abcd)"])
+    monkeypatch.setattr(cli, "nodes_missing", lambda path: ["192.0.2.7 (0123abcd)"])
     with pytest.raises(StorageError, match=r"is node-local: node\(s\) 192.0.2.7 \(0123abcd\) "
                        r"of this multi-node cluster cannot see it; give s3://"):  # fmt: skip
-        ex.check_shared_storage(resolve_storage(str(tmp_path / "store")))
+        check_shared_storage(resolve_storage(str(tmp_path / "store")))
     assert list((tmp_path / "store").iterdir()) == []  # the marker is gone
 
 
@@ -178,9 +178,9 @@ def test_32_trials_on_8_nodes_of_4_gpus_run_16_at_a_time(tmp_path, monkeypatch):
     ray.init(address=cluster.address)
     try:
         cfg = config_from_dict(
-            merge(TINY, {"tune": {"num_samples": 32, "gpus_per_trial": 2, "cpus_per_trial": 2}}),
-            sweep=True,
+            merge(TINY, {"tune": {"num_samples": 32, "gpus_per_trial": 2, "cpus_per_trial": 2}})
         )
+        check_sweep(cfg)
         concurrency = ex.max_concurrent(cfg, ray.cluster_resources())
         assert concurrency == 16
 
@@ -208,7 +208,7 @@ def test_32_trials_on_8_nodes_of_4_gpus_run_16_at_a_time(tmp_path, monkeypatch):
         def light_trial(params, base):
             from ray.util.placement_group import placement_group, remove_placement_group
 
-            from maenas_ray.orchestration.search_job import worker_resources
+            from maenas_ray.orchestration.stages import worker_resources
 
             trial_cfg = config_from_dict(merge(base, params))
             bundles = [worker_resources(trial_cfg)] * trial_cfg.tune.workers()

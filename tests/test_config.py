@@ -1,7 +1,23 @@
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import yaml
 
-from maenas_ray.config import Config, ConfigError, config_from_dict, load_config
+import maenas_ray.config
+from maenas_ray.config import (
+    Config,
+    ConfigError,
+    config_from_dict,
+    flatten,
+    load_config,
+    merge,
+    resolve_defaults,
+)
+from maenas_ray.engines import check_registered, objective_mode
+from maenas_ray.sweep_space import check_sweep, load_sweep, name_problem
 
 
 def test_defaults_are_the_design_numbers():
@@ -60,7 +76,7 @@ def test_yaml_file_and_overrides(tmp_path):
 )  # fmt: skip
 def test_config_errors_name_key_value_and_allowed(overrides, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(None, overrides)
+        check_registered(load_config(None, overrides))  # as the command lines check
 
 
 def test_imagefolder_needs_an_existing_root(tmp_path):
@@ -89,15 +105,17 @@ def test_config_is_a_typed_tree():
 def test_the_objective_direction_follows_its_metric():
     from maenas_ray.sweep import QUICKSTART
 
-    quick = load_config(QUICKSTART, sweep=True)
-    assert quick.objective.resolved_mode() == "max"  # proxy_top1
-    loss = load_config(QUICKSTART, ["objective.metric=eval_loss"], sweep=True)
-    assert loss.objective.resolved_mode() == "min"  # not the quickstart's accuracy direction
-    assert load_config(None, ["objective.metric=eval_psnr"]).objective.resolved_mode() == "max"
+    quick = load_sweep(QUICKSTART)
+    assert objective_mode(quick.objective) == "max"  # proxy_top1
+    loss = load_sweep(QUICKSTART, ["objective.metric=eval_loss"])
+    assert objective_mode(loss.objective) == "min"  # not the quickstart's accuracy direction
+    assert objective_mode(load_config(None, ["objective.metric=eval_psnr"]).objective) == "max"
     agreeing = load_config(None, ["objective.metric=eval_loss", "objective.mode=min"])
-    assert agreeing.objective.resolved_mode() == "min"
+    assert objective_mode(agreeing.objective) == "min"
     with pytest.raises(ConfigError, match=r"objective.mode = 'max': objective.metric = "):
-        load_config(None, ["objective.metric=val_loss", "objective.mode=max"])
+        check_registered(load_config(None, ["objective.metric=val_loss", "objective.mode=max"]))
+    with pytest.raises(ConfigError, match=r"objective.metric = 'accuracy': allowed: eval_loss"):
+        load_sweep(None, ["objective.metric=accuracy"])  # a sweep checks the names too
 
 
 def test_exponent_floats_without_a_dot_are_numbers():
@@ -110,7 +128,7 @@ def test_exponent_floats_without_a_dot_are_numbers():
 
 def test_partial_channels_are_tunable_and_the_corner_points_are_checked():
     cfg = load_config(None, ["space={partial_channels: {choice: [1, 4]}}"])
-    cfg.check_sweep()
+    check_sweep(cfg)
     assert cfg.search.partial_channels == 1
     bad = load_config(None, ["search.channels=12", "space={partial_channels: {choice: [1, 8]}}"])
     with pytest.raises(
@@ -118,4 +136,53 @@ def test_partial_channels_are_tunable_and_the_corner_points_are_checked():
         match=r"space: the trial point partial_channels=8 is invalid: search.partial_channels = 8: "
         r"must divide the channels of every cell \(12, 24, 48\); allowed: 1, 2, 3, 4, 6, 12",
     ):
-        bad.check_sweep()
+        check_sweep(bad)
+
+
+def test_the_evaluation_masks_are_resolved_at_load_and_saved_configs_compare():
+    cfg = load_config(None, ["search.mask_ratio=0.6", "search.patch_size=8"])
+    assert (cfg.search.eval_mask_ratio, cfg.search.eval_patch_size) == (0.6, 8)
+    assert Config().search.eval_patch_size == Config().search.patch_size == 4
+    own = load_config(None, ["search.eval_mask_ratio=0.4", "search.mask_ratio=0.6"])
+    assert (own.search.eval_mask_ratio, own.search.eval_patch_size) == (0.4, 4)
+    # a config saved before they were resolved at load (a checkpoint's) holds nulls
+    old = merge(cfg.to_dict(), {"search": {"eval_mask_ratio": None, "eval_patch_size": None}})
+    assert config_from_dict(old) == cfg
+    assert resolve_defaults(old) == cfg.to_dict() and old["search"]["eval_patch_size"] is None
+    assert resolve_defaults(own.to_dict()) == own.to_dict()
+
+
+def test_nested_dict_helpers():
+    base = {"search": {"lr": 0.1, "epochs": 2}, "name": "a"}
+    merged = merge(base, {"search": {"lr": 0.2}, "tune": {"seed": 1}})
+    assert merged == {"search": {"lr": 0.2, "epochs": 2}, "name": "a", "tune": {"seed": 1}}
+    assert base["search"]["lr"] == 0.1  # not modified
+    assert flatten(merged) == {"search.lr": 0.2, "search.epochs": 2, "name": "a", "tune.seed": 1}
+    assert flatten({"mask_ratio": 0.5}, "param.") == {"param.mask_ratio": 0.5}
+
+
+def test_experiment_and_run_names():
+    assert name_problem("quickstart-2026.01_a") is None
+    assert name_problem("-x") == name_problem("a/b") == "letters, digits, '.', '_' and '-' only"
+    assert name_problem("n" * 201) == "at most 200 characters"
+    with pytest.raises(ConfigError, match=r"name = 'a b': letters, .* \(a directory name\)"):
+        load_sweep(None, ["name=a b"])
+
+
+def test_the_config_module_imports_no_layer_above_it():
+    # in a fresh interpreter: the imports of this test process would hide one
+    code = (
+        "import sys, maenas_ray.config\n"
+        "above = ('maenas_ray.data', 'maenas_ray.engines', 'maenas_ray.orchestration',\n"
+        "         'maenas_ray.search', 'maenas_ray.retrain', 'maenas_ray.sweep')\n"
+        "print([m for m in sys.modules if m.startswith(above)])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stdout
+    # nor inside a function (the imports it may have: the space and mae layers below it)
+    tree = ast.parse(Path(maenas_ray.config.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert {m for m in imported if m.startswith("maenas_ray")} <= {
+        "maenas_ray.mae", "maenas_ray.space", "maenas_ray.space.networks",
+        "maenas_ray.space.partial",
+    }  # fmt: skip

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import ray
 
-from maenas_ray.orchestration.experiment import ray_session
+from maenas_ray.cli import ray_session
 
 
 @pytest.fixture

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from test_search_engine import tiny
 
 from maenas_ray.engines import SearchLoop
-from maenas_ray.engines.search import frozen, load_search_state, save_search_state
+from maenas_ray.engines.common import frozen
+from maenas_ray.engines.search import load_search_state, save_search_state
 from maenas_ray.mae import HierarchicalDecoder, MaskedAutoencoder, masked_mse, random_patch_mask
 from maenas_ray.space import Supernet
 from maenas_ray.space.fastpath import (

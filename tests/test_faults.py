@@ -147,7 +147,7 @@ def test_an_epoch_whose_report_was_lost_is_reported_once_after_the_restart(
     Tune had the report: the restarted trial reports epoch 2 from that checkpoint, then goes
     on with epoch 3; each epoch is in Tune's history once, computed once, and no checkpoint
     Tune stored changes."""
-    from maenas_ray.orchestration.train_jobs import FAULT_ENV
+    from maenas_ray.runs import FAULT_ENV
     from maenas_ray.sweep import main
 
     monkeypatch.setenv(FAULT_ENV, "search:exit-unreported@2")  # inherited by Ray's workers
@@ -170,12 +170,14 @@ def test_an_epoch_whose_report_was_lost_is_reported_once_after_the_restart(
         for p in glob.glob(str(trial / "search" / "checkpoint_*" / "search_state.pt"))
     }
     assert sorted(ours) == [1, 2, 3]  # each epoch computed once
-    tune_copies = sorted(trial.glob("checkpoint_0*"))
-    assert [load_search_state(p)["epoch"] for p in tune_copies] == [1, 2, 3]
-    for copy in tune_copies:  # Tune's copies are the checkpoints as written, unchanged
-        content = (copy / "search_state.pt").read_bytes()
-        assert content == ours[load_search_state(copy)["epoch"]]
-        assert not (copy / ".in-use").exists()  # no scratch lock files in a checkpoint
+    # Tune holds no copy of a checkpoint: its newest record points at epoch 3's
+    (pointer_dir,) = trial.glob("checkpoint_0*")
+    assert sorted(p.name for p in pointer_dir.iterdir()) == ["pointer.json"]
+    pointer = json.loads((pointer_dir / "pointer.json").read_text())
+    assert pointer["epoch"] == 3 and pointer["run"] == "search"
+    assert load_search_state(pointer["checkpoint_path"])["epoch"] == 3
+    assert rows[-1]["checkpoint_path"] == pointer["checkpoint_path"]
+    assert rows[1]["checkpoint_path"].endswith("checkpoint_epoch_00002")  # the replayed one
 
 
 @contextlib.contextmanager

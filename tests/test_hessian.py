@@ -133,7 +133,7 @@ def cosine(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 
 def test_under_bf16_the_second_order_alpha_gradient_is_exact():
     # the same state, batches and masks under precision bf16 and fp32
-    from maenas_ray.engines.search import autocast_for
+    from maenas_ray.engines.common import autocast_for
 
     def cosines(unrolled: bool) -> float:
         loop = SearchLoop(tiny(precision="fp32", unrolled=unrolled, channels=4))
@@ -154,7 +154,7 @@ def test_under_bf16_the_second_order_alpha_gradient_is_exact():
 
     # what the second-order step gives when its passes do run under bf16 autocast: the
     # finite-difference product is lost in bf16's rounding (why it runs in fp32)
-    from maenas_ray.engines.search import _unrolled
+    from maenas_ray.engines.architect import _unrolled
 
     loop = SearchLoop(tiny(channels=4))
     x_w, x_a = next(iter(loop.data.w)), next(iter(loop.data.a))

@@ -10,14 +10,15 @@ import ray
 import torch
 import yaml
 
-from maenas_ray.config import ConfigError, config_from_dict, load_config
+from maenas_ray import storage
+from maenas_ray.config import ConfigError, config_from_dict, load_config, merge
 from maenas_ray.data.labelled import HeldOutChunks, LabelledDeviceBatches, cutout
 from maenas_ray.engines import SearchCallback
 from maenas_ray.engines.retrain import load_retrain_state, run_retrain, topk_correct
-from maenas_ray.orchestration.search_job import merge
-from maenas_ray.orchestration.train_jobs import FAULT_ENV
 from maenas_ray.retrain import main
+from maenas_ray.runs import FAULT_ENV
 from maenas_ray.space import PUBLISHED, Genotype
+from maenas_ray.sweep_space import load_sweep
 
 TINY = {
     "data": {"dataset": "synthetic", "num_images": 512, "image_size": 16},
@@ -147,11 +148,10 @@ def test_a_proxy_network_that_cannot_be_built_is_a_sweep_config_error():
     overrides = ["data.image_size=16", "search.patch_size=4", "space={mask_ratio: {choice: [0.5]}}"]
     with pytest.raises(ConfigError, match=r"retrain.auxiliary = True: the proxy network at "
                        r"data.image_size 16: .*auxiliary head needs a larger input"):  # fmt: skip
-        load_config(None, overrides, sweep=True)
-    load_config(None, [*overrides, "retrain.auxiliary=false"], sweep=True)
+        load_sweep(None, overrides)
+    load_sweep(None, [*overrides, "retrain.auxiliary=false"])
     with pytest.raises(ConfigError, match=r"tune.scheduler = 'asha': stops trials on search"):
-        load_config(None, [*overrides, "retrain.auxiliary=false", "tune.scheduler=asha"],
-                    sweep=True)  # fmt: skip
+        load_sweep(None, [*overrides, "retrain.auxiliary=false", "tune.scheduler=asha"])
 
 
 def test_cli_bad_genotypes_fail_before_ray_starts(tmp_path, capsys):
@@ -218,7 +218,7 @@ def test_sweep_with_the_proxy_objective_ranks_by_proxy_top1(tmp_path, capsys, mo
     out = capsys.readouterr().out
     assert rc == 0, out
     experiment = tmp_path / "s" / "p"
-    cfg = ex.load_sweep_config(ex.resolve_storage(str(experiment)))
+    cfg = ex.load_sweep_config(storage.resolve_storage(str(experiment)))
     import ray.tune
 
     results = ray.tune.Tuner.restore(str(experiment), ex.trainable(cfg)).get_results()

@@ -248,7 +248,7 @@ def test_second_order_gradient_matches_finite_differences():
 
 
 def test_only_the_search_sections_must_match_to_resume():
-    from maenas_ray.engines.search import config_changes
+    from maenas_ray.engines.common import config_changes
 
     saved = tiny().to_dict()
     sweep = {**saved, "name": "quickstart-20260101", "tune": {**saved["tune"], "seed": 5}}
@@ -281,7 +281,7 @@ def test_nan_retries_go_back_to_the_last_epoch_with_lower_learning_rates(tmp_pat
     assert state["scheduler"]["base_lrs"] == [pytest.approx(0.1)]
     assert state["a_opt"]["param_groups"][0]["lr"] == pytest.approx(cfg.search.arch_lr * 1e-11)
     # a search may be resumed with other retry settings (the advice the error gives)
-    from maenas_ray.engines.search import config_changes
+    from maenas_ray.engines.common import config_changes
 
     other = tiny(lr=1e10, lr_min=0.0, epochs=2, nan_retries=0, nan_lr_factor=0.5)
     assert config_changes(state["config"], other.to_dict()) == []

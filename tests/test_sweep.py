@@ -22,26 +22,27 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from maenas_ray.config import ConfigError, config_from_dict, load_config
+from maenas_ray import storage
+from maenas_ray.config import ConfigError, config_from_dict, load_config, merge
 from maenas_ray.engines import load_search_state, run_search
 from maenas_ray.orchestration import experiment as ex
-from maenas_ray.orchestration.search_job import (
+from maenas_ray.orchestration.stages import (
     DRIVER_CPU,
     in_trial_process,
-    merge,
     trial_resources,
     worker_resources,
 )
-from maenas_ray.orchestration.train_jobs import (
+from maenas_ray.results import STUDY_JOURNAL
+from maenas_ray.runs import (
     FAULT_ENV,
     TENSORBOARD_TAG,
     prune_checkpoints,
     remove_stale_scratch,
     scratch,
 )
-from maenas_ray.results import STUDY_JOURNAL
 from maenas_ray.space import Genotype
 from maenas_ray.sweep import QUICKSTART, main
+from maenas_ray.sweep_space import load_sweep
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -73,10 +74,10 @@ def write_config(tmp_path, **sections):
 def test_shipped_sweep_configs_are_valid():
     names = {p.name for p in (REPO / "tune_configs").glob("*.yaml")}
     assert {"quickstart.yaml", "cifar10.yaml", "imagenet.yaml", "ablation_decoder.yaml"} <= names
-    quick = load_config(QUICKSTART, sweep=True)
+    quick = load_sweep(QUICKSTART)
     assert quick.tune.num_samples == 4 and quick.tune.gpus_per_trial == 0
     assert quick.data.dataset == "synthetic"
-    cifar = load_config(REPO / "tune_configs" / "cifar10.yaml", sweep=True)
+    cifar = load_sweep(REPO / "tune_configs" / "cifar10.yaml")
     s = cifar.search  # docs/method.md §1.4 defaults, one GPU per trial
     assert (s.channels, s.layers, s.epochs, s.batch_size, s.lr, s.arch_lr) == (
         16, 8, 50, 64, 0.025, 3e-4,
@@ -84,16 +85,16 @@ def test_shipped_sweep_configs_are_valid():
     assert cifar.data.dataset == "cifar10" and cifar.tune.gpus_per_trial == 1
     assert {"mask_ratio", "patch_size", "decoder_depth"} <= set(cifar.space)
     imagenet_yaml = REPO / "tune_configs" / "imagenet.yaml"
-    imagenet = load_config(imagenet_yaml, [f"data.root={REPO}"], sweep=True)
+    imagenet = load_sweep(imagenet_yaml, [f"data.root={REPO}"])
     assert imagenet.data.dataset == "imagefolder" and imagenet.data.image_size == 224
     assert imagenet.search.stem == "imagenet"
-    ablation = load_config(REPO / "tune_configs" / "ablation_decoder.yaml", sweep=True)
+    ablation = load_sweep(REPO / "tune_configs" / "ablation_decoder.yaml")
     assert ablation.space["decoder"].choice == ["hierarchical", "plain"]
     assert "mask_ratio" in ablation.space
 
 
 def test_search_domains_cover_the_configured_ranges(tmp_path):
-    cfg = load_config(write_config(tmp_path), sweep=True)
+    cfg = load_sweep(write_config(tmp_path))
     space = ex.param_space(cfg)["search"]
     assert (space["mask_ratio"].lower, space["mask_ratio"].upper) == (0.3, 0.7)
     assert space["patch_size"].categories == [4, 8]
@@ -113,7 +114,7 @@ def test_stepped_values_are_suggested_and_stored_on_their_grid(name):
     from maenas_ray.orchestration.sampling import decimals
 
     assert [decimals(x) for x in (0.05, 1e-3, 2.0, 0.3, 12.5)] == [2, 3, 0, 1, 1]
-    cfg = load_config(None, [f"tune.sampler={name}"], sweep=True)
+    cfg = load_sweep(None, [f"tune.sampler={name}"])
     study = optuna.create_study(sampler=ex.sampler(cfg))
     for _ in range(40):
         trial = study.ask()
@@ -131,7 +132,7 @@ def test_every_sampler_suggests_points_of_the_space(name):
     if name == "grid":
         overrides += ["space={patch_size: {choice: [2, 4]}, decoder_depth: {choice: [1, 2]}}",
                       "tune.num_samples=4"]  # fmt: skip
-    cfg = load_config(None, overrides, sweep=True)
+    cfg = load_sweep(None, overrides)
     study = optuna.create_study(sampler=ex.sampler(cfg))
     seen = set()
 
@@ -151,10 +152,10 @@ def test_every_sampler_suggests_points_of_the_space(name):
         assert seen == {(p, d) for p in (2, 4) for d in (1, 2)}  # every combination once
 
 
-def test_prepare_pins_the_reference_masks_and_trials_merge_into_the_base():
-    cfg = ex.prepare(load_config(None, ["search.mask_ratio=0.6", "search.patch_size=8"]))
+def test_loading_pins_the_reference_masks_and_trials_merge_into_the_base():
+    cfg = load_config(None, ["search.mask_ratio=0.6", "search.patch_size=8"])
     assert (cfg.search.eval_mask_ratio, cfg.search.eval_patch_size) == (0.6, 8)
-    kept = ex.prepare(load_config(None, ["search.eval_mask_ratio=0.4"]))
+    kept = load_config(None, ["search.eval_mask_ratio=0.4"])
     assert kept.search.eval_mask_ratio == 0.4
     base = cfg.to_dict()
     trial = merge(base, {"search": {"mask_ratio": 0.3}})
@@ -163,26 +164,26 @@ def test_prepare_pins_the_reference_masks_and_trials_merge_into_the_base():
 
 
 def test_max_concurrent_trials_follows_the_cluster():
-    gpu = load_config(None, ["tune.gpus_per_trial=2", "tune.num_samples=32"], sweep=True)
+    gpu = load_sweep(None, ["tune.gpus_per_trial=2", "tune.num_samples=32"])
     assert ex.max_concurrent(gpu, {"CPU": 64, "GPU": 32}) == 16
     assert ex.max_concurrent(gpu, {"CPU": 64, "GPU": 3}) == 1
-    cpu = load_config(None, ["tune.cpus_per_trial=2", "tune.num_samples=3"], sweep=True)
+    cpu = load_sweep(None, ["tune.cpus_per_trial=2", "tune.num_samples=3"])
     assert ex.max_concurrent(cpu, {"CPU": 16}) == 3  # never more than num_samples
     assert ex.max_concurrent(cpu, {"CPU": 5}) == 2
-    fixed = load_config(None, ["tune.max_concurrent_trials=5"], sweep=True)
+    fixed = load_sweep(None, ["tune.max_concurrent_trials=5"])
     assert ex.max_concurrent(fixed, {"CPU": 1}) == 5
     with pytest.raises(ConfigError, match=r"tune.gpus_per_trial = 2: the Ray cluster has 0 GPUs"):
         ex.max_concurrent(gpu, {"CPU": 8})
     # GPU trials are limited by CPUs too (4 per trial, 6 CPUs: one at a time)
-    both = load_config(None, ["tune.gpus_per_trial=1", "tune.cpus_per_trial=4"], sweep=True)
+    both = load_sweep(None, ["tune.gpus_per_trial=1", "tune.cpus_per_trial=4"])
     assert ex.max_concurrent(both, {"CPU": 6, "GPU": 8}) == 1
     with pytest.raises(ConfigError, match=r"tune.cpus_per_trial = 4: the Ray cluster has 2 CPUs"):
         ex.max_concurrent(both, {"CPU": 2, "GPU": 1})
 
 
 def test_asha_stops_on_epoch_rungs():
-    assert ex.scheduler(load_config(None, sweep=True)) is None  # fifo
-    cfg = load_config(
+    assert ex.scheduler(load_sweep(None)) is None  # fifo
+    cfg = load_sweep(
         None,
         [
             "tune.scheduler=asha",
@@ -190,7 +191,6 @@ def test_asha_stops_on_epoch_rungs():
             "search.epochs=20",
             "objective.metric=eval_loss",
         ],
-        sweep=True,
     )
     asha = ex.scheduler(cfg)
     assert isinstance(asha, ray.tune.schedulers.AsyncHyperBandScheduler)
@@ -199,23 +199,23 @@ def test_asha_stops_on_epoch_rungs():
 
 
 def test_trial_resources_are_split_over_its_workers():
-    cfg = load_config(None, ["tune.gpus_per_trial=4", "tune.cpus_per_trial=8"], sweep=True)
+    cfg = load_sweep(None, ["tune.gpus_per_trial=4", "tune.cpus_per_trial=8"])
     assert cfg.tune.workers() == 4
     res = worker_resources(cfg)
     assert res["GPU"] == 1 and abs(4 * res["CPU"] + 0.01 - 8) < 1e-9  # + the driver's CPU
-    half = load_config(None, ["tune.gpus_per_trial=0.5"], sweep=True)
+    half = load_sweep(None, ["tune.gpus_per_trial=0.5"])
     assert half.tune.workers() == 1 and worker_resources(half)["GPU"] == 0.5
-    assert "GPU" not in worker_resources(load_config(None, sweep=True))
+    assert "GPU" not in worker_resources(load_sweep(None))
 
 
 def test_a_one_worker_trial_runs_in_its_own_process_on_all_its_resources():
-    cpu = load_config(None, ["tune.cpus_per_trial=3"], sweep=True)
+    cpu = load_sweep(None, ["tune.cpus_per_trial=3"])
     assert in_trial_process(cpu) and trial_resources(cpu) == {"cpu": 3}
-    half = load_config(None, ["tune.gpus_per_trial=0.5", "tune.cpus_per_trial=2"], sweep=True)
+    half = load_sweep(None, ["tune.gpus_per_trial=0.5", "tune.cpus_per_trial=2"])
     assert in_trial_process(half) and trial_resources(half) == {"cpu": 2, "gpu": 0.5}
     # several workers: the trial is a driver, its Train workers reserve the rest
     for sets in (["tune.gpus_per_trial=2"], ["tune.num_workers=2", "tune.cpus_per_trial=2"]):
-        dp = load_config(None, sets, sweep=True)
+        dp = load_sweep(None, sets)
         assert not in_trial_process(dp) and trial_resources(dp) == {"cpu": DRIVER_CPU}
 
 
@@ -301,14 +301,14 @@ def test_unwritable_storage_and_existing_experiment_are_refused(tmp_path, capsys
 
 
 def test_storage_uris_resolve_through_pyarrow(tmp_path):
-    local = ex.resolve_storage("~/somewhere")
+    local = storage.resolve_storage("~/somewhere")
     assert local.is_local and local.uri == os.path.expanduser("~/somewhere")
-    uri = ex.resolve_storage(f"file://{tmp_path}/store")
+    uri = storage.resolve_storage(f"file://{tmp_path}/store")
     assert uri.path == f"{tmp_path}/store" and uri.experiment("e").path == f"{tmp_path}/store/e"
-    ex.check_writable(uri)
+    storage.check_writable(uri)
     assert (tmp_path / "store").is_dir() and not list((tmp_path / "store").iterdir())
-    with pytest.raises(ex.StorageError, match=r"storage_path = 'nope://x': not a usable URI"):
-        ex.resolve_storage("nope://x")
+    with pytest.raises(storage.StorageError, match=r"storage_path = 'nope://x': not a usable URI"):
+        storage.resolve_storage("nope://x")
 
 
 # --- real Ray ---------------------------------------------------------------------------
@@ -324,7 +324,7 @@ def _study(experiment: Path, name: str) -> optuna.Study:
 
 
 def _results(experiment: Path) -> ray.tune.ResultGrid:
-    cfg = ex.load_sweep_config(ex.resolve_storage(str(experiment)))
+    cfg = ex.load_sweep_config(storage.resolve_storage(str(experiment)))
     return ray.tune.Tuner.restore(str(experiment), ex.trainable(cfg)).get_results()
 
 
@@ -402,9 +402,10 @@ def test_sweep_runs_trials_that_open_with_tune_and_optuna(tmp_path, capsys):
         assert result.config["search"]["patch_size"] in (4, 8)
         assert 0.3 <= result.config["search"]["mask_ratio"] <= 0.7
         # every trial evaluates with the same reference masks, whatever it searched with
-        saved = load_search_state(Path(result.checkpoint.path))
+        saved = load_search_state(Path(result.metrics["checkpoint_path"]))
         assert saved["config"]["search"]["eval_mask_ratio"] == 0.5
         assert saved["config"]["search"]["eval_patch_size"] == 4
+    _each_checkpoint_stored_once(experiment)
     best = results.get_best_result(metric="eval_loss", mode="min")
     best_genotype = Genotype.from_json(best.metrics["genotype"])
     assert f"best genotype (eval_loss = {best.metrics['eval_loss']:.4g}" in out
@@ -460,16 +461,34 @@ def test_a_trial_runs_data_parallel_over_two_workers(tmp_path, capsys):
     assert rc == 0, capsys.readouterr().out
     (result,) = _results(store / "dp")
     assert result.metrics["epoch"] == 2 and not result.error
-    state = load_search_state(Path(result.checkpoint.path))
+    # Ray Train stored the checkpoints; Ray's TuneReportCallback told Tune where, no copy
+    assert result.checkpoint is None
+    state = load_search_state(Path(result.metrics["checkpoint_path"]))
     assert state["epoch"] == 2 and torch.isfinite(state["model"]["encoder.alphas_normal"]).all()
+    assert Path(result.metrics["checkpoint_path"]).parent == Path(result.path) / "search"
+    _each_checkpoint_stored_once(store / "dp")
+
+
+def _each_checkpoint_stored_once(experiment: Path) -> None:
+    """No two files in the experiment's checkpoint directories have the same bytes (Tune
+    keeps a pointer per trial, not a copy of the stage's checkpoint)."""
+    import hashlib
+
+    files = [p for p in experiment.rglob("*") if p.is_file() and "checkpoint_" in str(p)]
+    digests = {}
+    for path in files:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        assert digest not in digests, f"{path} and {digests[digest]} are the same bytes"
+        digests[digest] = path
+    assert any(p.name == "search_state.pt" for p in files)
 
 
 def test_latest_search_state_skips_unreadable_checkpoints(tmp_path):
     from maenas_ray.engines import load_search_state as load
     from maenas_ray.engines import save_search_state
-    from maenas_ray.orchestration.train_jobs import latest_state
+    from maenas_ray.runs import latest_state
 
-    fs = ex.resolve_storage(str(tmp_path)).fs
+    fs = storage.resolve_storage(str(tmp_path)).fs
 
     def latest_search_state(fs, run_dir):
         return latest_state(fs, run_dir, "search_state.pt", load)
@@ -588,7 +607,7 @@ def test_a_diverging_trial_is_marked_errored_not_scored(tmp_path, capsys):
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL] * 2
     from maenas_ray.lock import SweepLock
 
-    with SweepLock(ex.resolve_storage(str(store)).experiment("nan")):
+    with SweepLock(storage.resolve_storage(str(store)).experiment("nan")):
         pass  # released when the sweep ended
 
 
@@ -633,7 +652,7 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_epochs(tmp_path, caps
     assert f"resuming {experiment}" in resumed.stdout
     from maenas_ray.lock import SweepLock
 
-    with SweepLock(ex.resolve_storage(str(experiment))):
+    with SweepLock(storage.resolve_storage(str(experiment))):
         pass  # free: the killed driver's lock went with it, the resumed one released its own
     results = _results(experiment)
     assert len(results) == 3 and not results.errors

@@ -6,6 +6,7 @@ from maenas_ray.data.datasets import (
     ImageDataset,
     InMemoryImages,
     build_dataset,
+    check_dataset,
     held_out_dataset,
     make_synthetic,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "SearchData",
     "WorkerBatches",
     "build_dataset",
+    "check_dataset",
     "held_out_dataset",
     "make_synthetic",
     "normalize",

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from maenas_ray.config import DataConfig
+from maenas_ray.config import DataConfig, not_one_of
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -47,6 +47,8 @@ class ImageDataset(Dataset, ABC):
 
 
 class InMemoryImages(ImageDataset):
+    images: torch.Tensor  # always in memory
+
     def __init__(
         self,
         images: torch.Tensor,
@@ -242,9 +244,15 @@ DATASETS: dict[str, Callable[[DataConfig, bool], ImageDataset]] = {
 }
 
 
-def build_dataset(cfg: DataConfig, train: bool = True) -> ImageDataset:
+def check_dataset(cfg: DataConfig) -> None:
+    """``data.dataset`` is one of :data:`DATASETS` (a ``ConfigError`` otherwise)."""
     if cfg.dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {cfg.dataset!r}; allowed: {', '.join(DATASETS)}")
+        not_one_of("data.dataset", cfg.dataset, DATASETS)
+
+
+def build_dataset(cfg: DataConfig, train: bool = True) -> ImageDataset:
+    """The training (or held-out) images of ``cfg.dataset``."""
+    check_dataset(cfg)
     return DATASETS[cfg.dataset](cfg, train)
 
 

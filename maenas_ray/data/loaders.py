@@ -294,6 +294,8 @@ def search_data(
         )
     mean = torch.tensor(dataset.mean, dtype=torch.float32, device=device)
     std = torch.tensor(dataset.std, dtype=torch.float32, device=device)
+    w: Batches
+    a: Batches
     if loader == "device":
         assert dataset.images is not None
         if dataset.images.shape[-1] != cfg.image_size or dataset.images.shape[-2] != cfg.image_size:

@@ -28,7 +28,8 @@ from torch import nn
 from maenas_ray.config import Config
 from maenas_ray.data.datasets import ImageDataset
 from maenas_ray.data.labelled import RetrainData, retrain_data
-from maenas_ray.engines.search import (
+from maenas_ray.engines.common import (
+    CheckpointMismatchError,
     EpochReport,
     SearchCallback,
     autocast_for,
@@ -183,9 +184,7 @@ class _Retrain:
         }
 
     def restore(self, state: dict[str, Any]) -> None:
-        from maenas_ray.engines.search import CheckpointMismatchError
-
-        changes = config_changes(state["config"], self.cfg.to_dict(), ("data", "retrain"))
+        changes = config_changes(state["config"], self.cfg.to_dict(), "retrain")
         if state.get("genotype") != self.genotype.to_json():
             changes.append("the genotype")
         if int(state.get("epochs", -1)) != self.plan.epochs:

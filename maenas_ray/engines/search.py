@@ -1,5 +1,10 @@
 """The MAE-DARTS search loop (docs/method.md §1.4): pure torch, no Ray.
 
+It holds the loop (``SearchLoop``, ``run_search``), the search checkpoint (save, load,
+what it holds) and the search's own metrics (α entropy, objectives). The α gradient it
+steps with is in :mod:`~maenas_ray.engines.architect`; what it shares with the retraining
+(ranks, device, precision, epoch reports, config checks) in :mod:`~maenas_ray.engines.common`.
+
 ``run_search(config, callbacks)`` runs the bi-level optimisation: per iteration an
 architecture step on an A-batch, then a weight step on a W-batch, each with its own
 freshly drawn mask; labels are never read. After every epoch the callbacks get the
@@ -20,8 +25,8 @@ import json
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,11 +34,27 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.func import functional_call
 
 from maenas_ray.config import Config
 from maenas_ray.data import ImageDataset, SearchData, search_data
-from maenas_ray.engines.hessian import collapse_stop, dominant_eigenvalue, exact_fp32
+from maenas_ray.engines.architect import (
+    first_order_arch_gradients,
+    momentum_buffers,
+    parameter_names,
+    unrolled_arch_gradients,
+)
+from maenas_ray.engines.common import (
+    CheckpointMismatchError,
+    EpochReport,
+    SearchCallback,
+    autocast_for,
+    average_over_ranks,
+    config_changes,
+    frozen,
+    rank_and_world,
+    resolve_device,
+)
+from maenas_ray.engines.hessian import collapse_stop, dominant_eigenvalue
 from maenas_ray.engines.state import load_state, save_state
 from maenas_ray.mae import (
     MaskedAutoencoder,
@@ -61,47 +82,6 @@ SEARCH_OBJECTIVES = {
 }
 
 
-def rank_and_world() -> tuple[int, int]:
-    """This process's rank and the number of ranks (``(0, 1)`` without torch.distributed)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def average_over_ranks(tensors: Sequence[torch.Tensor]) -> None:
-    """In place: each tensor becomes its mean over the ranks (one all-reduce in total)."""
-    if rank_and_world()[1] == 1 or not tensors:
-        return
-    flat = torch.cat([t.reshape(-1).float() for t in tensors])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    offset = 0
-    for t in tensors:
-        t.copy_(flat[offset : offset + t.numel()].view_as(t))
-        offset += t.numel()
-
-
-def resolve_device(requested: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; ``cuda`` without CUDA is an error."""
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("search.device = 'cuda' but CUDA is not available on this machine")
-    return torch.device(requested)
-
-
-def autocast_for(device: torch.device, precision: str) -> Callable[[], AbstractContextManager]:
-    """bf16 autocast on CUDA (``auto``/``bf16``) or when asked for on CPU; fp32 otherwise.
-
-    It applies to the weight step, the first-order α gradient and the evaluation; the
-    second-order α gradient and the Hessian eigenvalue run in full fp32
-    (:func:`exact_fp32`)."""
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if not use_bf16:
-        return nullcontext
-    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
-
-
 def alpha_entropy(alphas: torch.Tensor) -> float:
     """Mean over edges of the entropy (nats) of softmax(α); log(8) ≈ 2.08 is uniform."""
     p = torch.softmax(alphas.detach().float(), dim=-1)
@@ -127,98 +107,9 @@ def uniform_alpha_warning(entropy: float | None) -> str | None:
     )
 
 
-@contextmanager
-def frozen(params: Sequence[torch.Tensor]) -> Iterator[None]:
-    """Parameters do not require gradients inside: a forward pass records no graph for
-    their gradients, so a backward pass for other inputs (α) does none of that work."""
-    flags = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in zip(params, flags, strict=True):
-            p.requires_grad_(flag)
-
-
-class CheckpointMismatchError(ValueError):
-    """A checkpoint was written by a search with another config."""
-
-
-#: Config keys that may change between a checkpoint and its resumption (where and how
-#: a run runs, not what it computes).
-RESUMABLE_CHANGES = frozenset(
-    {
-        "data.root", "data.download", "data.num_workers", "search.device", "retrain.device",
-        "retrain.num_workers", "retrain.use_gpu", "retrain.cpus_per_worker",
-        "search.nan_retries", "search.nan_lr_factor",  # how to react to a divergence
-    }
-)  # fmt: skip
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-#: Config sections that decide what a search computes; the others (tune, space, objective,
-#: storage_path, name) describe the sweep around it.
-SEARCH_SECTIONS = ("data", "search")
-
-
-def config_changes(
-    saved: dict[str, Any], current: dict[str, Any], sections: Iterable[str] = SEARCH_SECTIONS
-) -> list[str]:
-    """Keys of ``sections`` whose values differ between two config dicts, except
-    :data:`RESUMABLE_CHANGES`."""
-    sections = tuple(sections)
-    a, b = (_flatten({k: v for k, v in tree.items() if k in sections}) for tree in (saved, current))
-    return sorted(
-        f"{k}: {a.get(k)!r} -> {b.get(k)!r}"
-        for k in set(a) | set(b)
-        if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES
-    )
-
-
-@dataclass
-class EpochReport:
-    """What callbacks get after each epoch (of a search or of a retraining)."""
-
-    epoch: int  # epochs completed (1-based)
-    epochs: int
-    metrics: dict[str, Any]
-    genotype: Genotype
-    _state: Callable[[], dict[str, Any]]
-    _save: Callable[[dict[str, Any], str | Path], Path] | None = None
-    _images: Callable[[], torch.Tensor] | None = None
-
-    def save_checkpoint(self, directory: str | Path) -> Path:
-        """Write the whole run state to ``directory`` (``search_state.pt`` or
-        ``retrain_state.pt``), atomically; returns the file."""
-        return (self._save or save_search_state)(self._state(), directory)
-
-    def reconstructions(self) -> torch.Tensor | None:
-        """A search's reconstruction grid after this epoch, as an image (3, H, W) in
-        [0, 1]: original / masked / reconstruction rows of the 8 held-out images of
-        ``reconstruction.png``; None for a retraining."""
-        return self._images() if self._images is not None else None
-
-
 def save_search_state(state: dict[str, Any], directory: str | Path) -> Path:
     """Write a search state to ``directory/search_state.pt`` atomically; returns the file."""
     return save_state(state, directory, CHECKPOINT_FILE)
-
-
-class SearchCallback:
-    """Override ``on_epoch_end``; the default does nothing."""
-
-    def on_epoch_end(self, report: EpochReport) -> None:
-        return None
 
 
 @dataclass
@@ -239,93 +130,6 @@ OPTIONAL_STATE_KEYS = ("arch_trace",)
 def load_search_state(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint file or a directory holding one; tensors only, no pickled code."""
     return load_state(path, CHECKPOINT_FILE, CHECKPOINT_FORMAT, "search", STATE_KEYS)
-
-
-def unrolled_arch_gradients(
-    model: nn.Module,
-    arch_names: Sequence[str],
-    x_w: torch.Tensor,
-    mask_w: torch.Tensor,
-    x_a: torch.Tensor,
-    mask_a: torch.Tensor,
-    lr: float,
-    weight_decay: float,
-    momentum_buffers: dict[str, torch.Tensor],
-    momentum: float,
-    norm_pix: bool = False,
-    fd_radius: float = 0.01,
-    reduce: Callable[[Sequence[torch.Tensor]], None] | None = None,
-) -> list[torch.Tensor]:
-    """Second-order DARTS gradient of the A-loss with respect to α, in full fp32.
-
-    ``w' = w - lr * (momentum * buf + ∇w L_W(w, α) + weight_decay * w)`` (the SGD step the
-    weights are about to take), then ``∇α L_A(w', α) - lr * H`` where ``H`` is the
-    finite-difference Hessian-vector product ``(∇α L_W(w+, α) - ∇α L_W(w-, α)) / 2ε`` with
-    ``w± = w ± ε ∇w' L_A(w', α)`` and ``ε = fd_radius / ‖∇w' L_A‖``. Returns the α
-    gradients, in ``arch_names`` order.
-    ``reduce`` (data parallel) averages the two weight gradients in place over the ranks,
-    so ``w'`` and ``w±`` are the same everywhere; the caller averages the result.
-
-    Every pass runs without autocast and with TF32 off (:func:`exact_fp32`): the
-    perturbation ``ε ∇w'`` is about 1e-5 of the weights, far below bf16's resolution (8
-    bits) and TF32's (10 bits), which would leave the Hessian-vector product mostly noise.
-    """
-    with exact_fp32(x_a.device):
-        return _unrolled(
-            model, arch_names, x_w, mask_w, x_a, mask_a, lr, weight_decay, momentum_buffers,
-            momentum, norm_pix, fd_radius, reduce,
-        )  # fmt: skip
-
-
-def _unrolled(
-    model: nn.Module,
-    arch_names: Sequence[str],
-    x_w: torch.Tensor,
-    mask_w: torch.Tensor,
-    x_a: torch.Tensor,
-    mask_a: torch.Tensor,
-    lr: float,
-    weight_decay: float,
-    momentum_buffers: dict[str, torch.Tensor],
-    momentum: float,
-    norm_pix: bool,
-    fd_radius: float,
-    reduce: Callable[[Sequence[torch.Tensor]], None] | None,
-) -> list[torch.Tensor]:
-    params = dict(model.named_parameters())
-    alphas = {n: params[n] for n in arch_names}
-    weights = {n: p for n, p in params.items() if n not in alphas}
-
-    def loss_at(w: dict[str, torch.Tensor], x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return masked_mse(functional_call(model, {**w, **alphas}, (x, mask)), x, mask, norm_pix)
-
-    names = list(weights)
-    g_w = list(torch.autograd.grad(loss_at(weights, x_w, mask_w), [weights[n] for n in names]))
-    if reduce is not None:
-        reduce(g_w)
-    unrolled = {}
-    with torch.no_grad():
-        for n, g in zip(names, g_w, strict=True):
-            p = weights[n]
-            step = g + weight_decay * p
-            if n in momentum_buffers:
-                step = step + momentum * momentum_buffers[n]
-            unrolled[n] = (p - lr * step).requires_grad_()
-    grads = torch.autograd.grad(
-        loss_at(unrolled, x_a, mask_a), [*alphas.values(), *unrolled.values()]
-    )
-    d_alpha, d_w = grads[: len(alphas)], list(grads[len(alphas) :])
-    if reduce is not None:
-        reduce(d_w)
-    with torch.no_grad():
-        eps = fd_radius / torch.cat([g.flatten() for g in d_w]).norm()
-        w_plus = {n: weights[n] + eps * d for n, d in zip(names, d_w, strict=True)}
-        w_minus = {n: weights[n] - eps * d for n, d in zip(names, d_w, strict=True)}
-    g_plus = torch.autograd.grad(loss_at(w_plus, x_w, mask_w), list(alphas.values()))
-    g_minus = torch.autograd.grad(loss_at(w_minus, x_w, mask_w), list(alphas.values()))
-    return [
-        da - lr * (gp - gm) / (2 * eps) for da, gp, gm in zip(d_alpha, g_plus, g_minus, strict=True)
-    ]
 
 
 class SearchLoop:
@@ -357,10 +161,10 @@ class SearchLoop:
             s.decoder, encoder.feature_channels, s.decoder_width, s.decoder_depth
         )
         self.model = MaskedAutoencoder(encoder, decoder).to(self.device)
+        self.encoder = encoder  # the supernet inside the model (moved with it)
+        self.alphas = encoder.arch_parameters()  # α, then β with partial channels
+        self.arch_names = parameter_names(self.model, self.alphas)
         named = dict(self.model.named_parameters())
-        names = {id(p): n for n, p in named.items()}  # α, then β with partial channels
-        self.arch_names = [names[id(p)] for p in encoder.arch_parameters()]
-        self.alphas = [named[n] for n in self.arch_names]
         self.weight_names = [n for n in named if n not in self.arch_names]
         self.weights = [named[n] for n in self.weight_names]
         self.w_opt = torch.optim.SGD(
@@ -487,25 +291,19 @@ class SearchLoop:
         at the current weights and the A-reconstruction; changes nothing."""
         s = self.cfg.search
         if s.unrolled:
-            buffers = {
-                n: self.w_opt.state[p]["momentum_buffer"]
-                for n, p in zip(self.weight_names, self.weights, strict=True)
-                if "momentum_buffer" in self.w_opt.state.get(p, {})
-            }
+            buffers = momentum_buffers(self.w_opt, self.weight_names, self.weights)
             grads = unrolled_arch_gradients(
                 self.model, self.arch_names, x_w, mask_w, x_a, mask_a,
-                lr=self.scheduler.get_last_lr()[0], weight_decay=s.weight_decay,
+                lr=float(self.scheduler.get_last_lr()[0]), weight_decay=s.weight_decay,
                 momentum_buffers=buffers, momentum=s.momentum,
                 norm_pix=s.norm_pix_loss, reduce=average_over_ranks,
             )  # fmt: skip
             with torch.no_grad():  # the A-loss reported is that at w, not at the virtual w'
                 loss, pred = self._loss(x_a, mask_a)
         else:
-            # under bf16 the first-order gradient is ~10% from fp32's, a tenth of what the
-            # next batch changes (docs/performance.md); no weight-gradient work in the backward
-            with frozen(self.weights):
-                loss, pred = self._loss(x_a, mask_a)
-            grads = list(torch.autograd.grad(loss, self.alphas))
+            grads, loss, pred = first_order_arch_gradients(
+                lambda: self._loss(x_a, mask_a), self.alphas, self.weights
+            )
         average_over_ranks(grads)
         return grads, loss.detach(), pred.detach()
 
@@ -528,7 +326,7 @@ class SearchLoop:
             for p in self.weights:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-            average_over_ranks([p.grad for p in self.weights])
+            average_over_ranks([p.grad for p in self.weights if p.grad is not None])
         nn.utils.clip_grad_norm_(self.weights, self.cfg.search.grad_clip)
         self.w_opt.step()
         return loss.detach()
@@ -599,7 +397,7 @@ class SearchLoop:
         # what follows describes the architecture the search returns so far
         eval_loss, eval_psnr = self.evaluate()
         normal, reduce = (a.detach() for a in self.alphas[:2])
-        genotype = self.model.encoder.genotype()
+        genotype = self.encoder.genotype()
         entropy = alpha_entropy(normal), alpha_entropy(reduce)
         metrics.update(
             eval_loss=eval_loss,
@@ -721,7 +519,7 @@ class SearchLoop:
         from maenas_ray import viz
 
         out_dir.mkdir(parents=True, exist_ok=True)
-        genotype = self.model.encoder.genotype()
+        genotype = self.encoder.genotype()
         (out_dir / "genotype.json").write_text(genotype.to_json(indent=2) + "\n")
         s = self.cfg.search
         mean, std = self.data.mean.tolist(), self.data.std.tolist()
@@ -806,8 +604,8 @@ def run_search(
         if snapshot is not None:
             snapshot, scale = _cpu_copy(search.state()), 1.0
         report = EpochReport(
-            search.epoch, epochs, metrics, search.model.encoder.genotype(), search.state,
-            _images=search.reconstruction_image,
+            search.epoch, epochs, metrics, search.encoder.genotype(), search.state,
+            save_search_state, search.reconstruction_image,
         )  # fmt: skip
         for cb in callbacks:
             cb.on_epoch_end(report)
@@ -815,7 +613,7 @@ def run_search(
         search.write_artifacts(Path(out_dir))
     final = search.history[-1] if search.history else {}
     return SearchResult(
-        genotype=search.model.encoder.genotype(),
+        genotype=search.encoder.genotype(),
         metrics=final,
         history=list(search.history),
         alphas_normal=search.alphas[0].detach().cpu().clone(),

@@ -9,25 +9,18 @@ directory per trial with its checkpoints, Train run, ``genotype.json`` and pictu
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import errno
 import math
 import os
 import typing
-import uuid
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import optuna
 import ray
 import ray.tune
 import yaml
-from optuna.storages.journal import JournalFileBackend
-from ray._private import ray_constants
 from ray.tune.search.optuna import OptunaSearch
 
 from maenas_ray.config import (
@@ -38,8 +31,9 @@ from maenas_ray.config import (
     config_from_dict,
     numeric_type,
 )
+from maenas_ray.engines import objective_mode
 from maenas_ray.orchestration.sampling import sampler
-from maenas_ray.orchestration.search_job import (
+from maenas_ray.orchestration.stages import (
     STAGE_KEY,
     in_trial_process,
     search_trial,
@@ -48,14 +42,11 @@ from maenas_ray.orchestration.search_job import (
 from maenas_ray.results import CONFIG_FILE, STUDY_JOURNAL
 from maenas_ray.storage import (
     Storage,
-    StorageError,
-    check_writable,
+    WholeLinesJournal,
     resolve_storage,
     tune_filesystem,
 )
-
-__all__ = ["Storage", "StorageError", "check_writable", "resolve_storage"]  # re-exported
-
+from maenas_ray.sweep_space import check_sweep
 
 # --- the Tuner ------------------------------------------------------------------------
 
@@ -66,7 +57,7 @@ def search_domain(key: str, spec: ParamSpec) -> Any:
     if spec.choice is not None:
         return ray.tune.choice(list(spec.choice))
     low, high, step = spec.low, spec.high, spec.step
-    assert low is not None and high is not None  # Config.check_sweep guarantees it
+    assert low is not None and high is not None  # sweep_space.check_sweep guarantees it
     if numeric_type(hints[key]) is int:  # int and int | None fields
         if spec.log:
             return ray.tune.lograndint(int(low), int(high) + 1)
@@ -85,21 +76,6 @@ def param_space(cfg: Config) -> dict[str, Any]:
     trial's config (and Tune's tables) shows only what was tuned.
     """
     return {"search": {key: search_domain(key, spec) for key, spec in cfg.space.items()}}
-
-
-def prepare(cfg: Config) -> Config:
-    """The config every trial of a sweep starts from.
-
-    The evaluation masks (the reference objective) are pinned to the config's own mask
-    ratio and patch size unless given, so trials that tune the masking stay comparable.
-    """
-    s = cfg.search
-    search = dataclasses.replace(
-        s,
-        eval_mask_ratio=s.eval_mask_ratio if s.eval_mask_ratio is not None else s.mask_ratio,
-        eval_patch_size=s.eval_patch_size if s.eval_patch_size is not None else s.patch_size,
-    )
-    return dataclasses.replace(cfg, search=search)
 
 
 def scheduler(cfg: Config) -> ray.tune.schedulers.TrialScheduler | None:
@@ -126,43 +102,6 @@ def study_storage(cfg: Config, experiment: Storage) -> Any:
     return JournalStorage(WholeLinesJournal(experiment.join(STUDY_JOURNAL)))
 
 
-def repair_journal(path: str) -> int:
-    """Cut a journal file back to its last whole line (a line cut short by a full disk or a
-    kill was never acknowledged to Optuna); returns the bytes removed."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        return 0
-    keep = data.rfind(b"\n") + 1
-    if keep < len(data):
-        os.truncate(path, keep)
-    return len(data) - keep
-
-
-class WholeLinesJournal(JournalFileBackend):
-    """Optuna's journal file, whose lines are whole: a cut line left by a crash is removed
-    when it is opened, and an append that fails (a full disk) is taken back, so the next
-    append never lands behind half a line (which Optuna would refuse to read)."""
-
-    def __init__(self, file_path: str) -> None:
-        repair_journal(file_path)
-        super().__init__(file_path)
-
-    def append_logs(self, logs: list[dict[str, Any]]) -> None:
-        try:
-            size = os.path.getsize(self._file_path)
-        except FileNotFoundError:
-            size = 0
-        try:
-            super().append_logs(logs)
-        except OSError:
-            # the sweep's driver is the journal's only writer: nothing was appended since
-            with contextlib.suppress(OSError):
-                os.truncate(self._file_path, size)
-            raise
-
-
 class ConsistentOptunaSearch(OptunaSearch):
     """``OptunaSearch`` that keeps the study and Ray Tune's own state consistent across a
     driver that died between writing one and the other (``--resume``):
@@ -174,6 +113,9 @@ class ConsistentOptunaSearch(OptunaSearch):
       finished while the study still has it running is told its final value;
     - the study names its objective (``set_metric_names``), for the Optuna dashboard.
     """
+
+    _ot_study: optuna.Study | None  # OptunaSearch's own attributes
+    _ot_trials: dict[str, optuna.Trial]
 
     def __init__(self, experiment_uri: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -326,7 +268,7 @@ def trial_dirname(trial: Any) -> str:
 
 
 def trainable(cfg: Config) -> Any:
-    """The Tune trainable with its resources (``search_job.trial_resources``)."""
+    """The Tune trainable with its resources (``stages.trial_resources``)."""
     fn = ray.tune.with_parameters(search_trial, base=cfg.to_dict())
     fn.__name__ = "trial"  # Tune names trials <name>_<id>: "trial_1a2b3c4d", a narrow column
     return ray.tune.with_resources(fn, trial_resources(cfg))
@@ -364,7 +306,7 @@ def build_tuner(cfg: Config, storage: Storage, name: str, concurrency: int) -> r
     """A new Tuner for the sweep ``cfg``, writing to ``<storage>/<name>``."""
     t = cfg.tune
     experiment = storage.experiment(name)
-    metric, mode = cfg.objective.metric, cfg.objective.resolved_mode()
+    metric, mode = cfg.objective.metric, objective_mode(cfg.objective)
     search_alg = ConsistentOptunaSearch(
         experiment.uri,
         metric=metric,
@@ -394,7 +336,8 @@ def build_tuner(cfg: Config, storage: Storage, name: str, concurrency: int) -> r
             storage_path=storage.path if storage.is_local else storage.uri,
             storage_filesystem=tune_filesystem(storage) if storage.is_local else None,
             failure_config=ray.tune.FailureConfig(max_failures=t.max_failures),
-            checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=t.checkpoints_to_keep),
+            # a trial's checkpoint in Tune is a pointer to its stage's newest (stages.py)
+            checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=1),
             progress_reporter=progress_table(cfg),
             callbacks=[StopWhenFull(experiment.uri)],
             verbose=1,  # the table only: no line per report with every metric
@@ -428,95 +371,6 @@ def progress_table(cfg: Config) -> ray.tune.CLIReporter:
     )
 
 
-#: Ray's switch for multi-node clusters (its name is about Windows and macOS, where they are
-#: off). Off, a node takes 127.0.0.1 as its address, and every server it starts (GCS,
-#: raylet, workers, the Prometheus metrics endpoints of the dashboard, its agent and the
-#: autoscaler monitor) listens on the loopback interface only.
-RAY_CLUSTER_SWITCH = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
-#: Ray Train's switch for its preemption watcher actor.
-PREEMPTION_WATCHER_SWITCH = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
-
-
-@contextlib.contextmanager
-def _loopback_only() -> Iterator[None]:
-    """This process and the Ray processes it starts treat the node as single-machine: no
-    multi-node switch, and no Train preemption watcher (a local machine is not a spot
-    instance; its actor logs an error line on every Train run)."""
-    env = {RAY_CLUSTER_SWITCH: "0", PREEMPTION_WATCHER_SWITCH: "0"}
-    # ENABLE_RAY_CLUSTER: what Ray read from the environment when it was imported
-    with (
-        mock.patch.dict(os.environ, env),
-        mock.patch.object(ray_constants, "ENABLE_RAY_CLUSTER", False),
-    ):
-        yield
-
-
-@contextlib.contextmanager
-def ray_session(address: str | None, num_cpus: int | None, dashboard: bool) -> Iterator[str | None]:
-    """Connect to the cluster at ``address``, or start a local Ray reachable from this
-    machine only (every server on 127.0.0.1, the dashboard too); yields the dashboard URL,
-    if any, and shuts Ray down at the end (disconnects from a cluster)."""
-    with contextlib.ExitStack() as stack:
-        if address:
-            context = ray.init(address=address)
-        else:
-            stack.enter_context(_loopback_only())
-            context = ray.init(
-                num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1"
-            )
-        stack.callback(ray.shutdown)
-        yield f"http://{context.dashboard_url}" if context.dashboard_url else None
-
-
-def nodes_missing(path: str) -> list[str]:
-    """The alive nodes (by address) that do not see ``path``: one zero-CPU task per node."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    @ray.remote(num_cpus=0)
-    def sees(p: str) -> bool:
-        return os.path.exists(p)
-
-    nodes = [n for n in ray.nodes() if n["Alive"]]
-    refs = [
-        sees.options(
-            scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
-        ).remote(path)
-        for n in nodes
-    ]
-    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=120)
-    missing = []
-    for node, ref in zip(nodes, refs, strict=True):
-        try:  # a node that does not answer (busy, going away) counts as not seeing it
-            ok = ref in ready and ray.get(ref)
-        except ray.exceptions.RayError:
-            ok = False
-        if not ok:
-            missing.append(f"{node['NodeManagerAddress']} ({node['NodeID'][:8]})")
-    return missing
-
-
-def check_shared_storage(storage: Storage) -> None:
-    """On a multi-node cluster, a local ``storage_path`` must be one directory that every
-    node sees (NFS mounted at the same path): a marker written here must be visible to a
-    task on every alive node. Object storage (s3://, gs://) passes as it is."""
-    if not storage.is_local or len([n for n in ray.nodes() if n["Alive"]]) < 2:
-        return
-    storage.fs.create_dir(storage.path, recursive=True)
-    marker = storage.join(f".maenas-shared-{uuid.uuid4().hex}")
-    with storage.fs.open_output_stream(marker):
-        pass
-    try:
-        missing = nodes_missing(marker)
-    finally:
-        storage.fs.delete_file(marker)
-    if missing:
-        raise StorageError(
-            f"storage_path = {storage.uri!r} is node-local: node(s) {', '.join(missing)} of "
-            "this multi-node cluster cannot see it; give s3://..., gs://... or a directory on "
-            "NFS mounted at the same path on every node"
-        )
-
-
 def restore_tuner(cfg: Config, experiment: Storage) -> ray.tune.Tuner:
     """Continue an interrupted sweep: unfinished and errored trials go on from checkpoints."""
     local = experiment.is_local
@@ -530,9 +384,8 @@ def restore_tuner(cfg: Config, experiment: Storage) -> ray.tune.Tuner:
 
 
 def load_sweep_config(experiment: Storage) -> Config:
-    """The config a sweep started with (``sweep_config.yaml`` in its directory)."""
-    text = experiment.read_text(CONFIG_FILE)
-    return config_from_dict(yaml.safe_load(text), sweep=True)
-
-
-# --- results --------------------------------------------------------------------------
+    """The config a sweep started with (``sweep_config.yaml`` in its directory), checked
+    as a new sweep's is."""
+    cfg = config_from_dict(yaml.safe_load(experiment.read_text(CONFIG_FILE)))
+    check_sweep(cfg)
+    return cfg

@@ -76,7 +76,7 @@ def sampler(cfg: Config) -> optuna.samplers.BaseSampler:
         inner = optuna.samplers.QMCSampler(seed=t.seed)
     elif t.sampler == "gp":
         inner = optuna.samplers.GPSampler(seed=t.seed)
-    elif t.sampler == "grid":  # Config.check_sweep: choices only, num_samples = grid size
+    elif t.sampler == "grid":  # sweep_space.check_sweep: choices only, num_samples = grid
         grid = {f"search/{key}": list(spec.choice or ()) for key, spec in cfg.space.items()}
         inner = optuna.samplers.GridSampler(grid, seed=t.seed)
     else:

@@ -283,7 +283,9 @@ def conv_op(
     """``scale ·`` a SepConv / DilConv / ReLUConvBN (``ReLU -> ... -> BN``) applied to an
     already rectified input (``evens``: its even pixels, if at hand; see :func:`depthwise`)."""
     body = list(op)[1:]
-    bn = body.pop() if body and isinstance(body[-1], nn.BatchNorm2d) else None
+    bn = body[-1] if body and isinstance(body[-1], nn.BatchNorm2d) else None
+    if bn is not None:
+        body.pop()
     previous = None
     for m in body:
         if _is_depthwise(m):
@@ -355,7 +357,9 @@ class SharedInputs:
         """The output of parameter-free primitive ``k`` (the same on every edge): ``op`` is
         the primitive followed by its BatchNorm."""
         if k not in self._pooled:
-            *primitive, bn = op  # type: ignore[misc]
+            assert isinstance(op, nn.Sequential)  # as MixedOp builds a parameter-free one
+            *primitive, bn = op
+            assert isinstance(bn, nn.BatchNorm2d)
             y = self.x
             for m in primitive:
                 y = m(y)

@@ -234,7 +234,7 @@ def derive_genotype(
                 )
             weights = weights * node_softmax(betas).unsqueeze(-1)
         cells.append(_parse_cell(weights))
-    return Genotype(cells[0], DEFAULT_CONCAT, cells[1], DEFAULT_CONCAT)
+    return Genotype(tuple(cells[0]), DEFAULT_CONCAT, tuple(cells[1]), DEFAULT_CONCAT)
 
 
 def _g(normal: list[Edge], reduce: list[Edge]) -> Genotype:

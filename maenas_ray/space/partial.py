@@ -26,8 +26,6 @@ gradients in the state's memory format (see :func:`~maenas_ray.space.fastpath.co
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -123,7 +121,7 @@ class PartialInputs:
 
 
 def partial_nodes(
-    edges: Sequence[nn.Module],
+    edges: nn.ModuleList,
     states: list[torch.Tensor],
     weights: torch.Tensor,
     edge_weights: torch.Tensor,
