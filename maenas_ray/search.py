@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from maenas_ray.config import ConfigError, load_config, resolve_defaults
+from maenas_ray.config import ConfigError, load_config
 from maenas_ray.engines import check_registered
 from maenas_ray.engines.common import CheckpointMismatchError, EpochReport, SearchCallback
 from maenas_ray.engines.search import (
@@ -105,8 +105,6 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-        # a checkpoint from before the evaluation masks were resolved at load holds nulls
-        state["config"] = resolve_defaults(state["config"])
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     if state is not None:  # metrics.jsonl = the checkpoint's history, then the new epochs

@@ -256,6 +256,14 @@ def test_only_the_search_sections_must_match_to_resume():
     assert config_changes(saved, {**saved, "search": {**saved["search"], "lr": 0.1}}) == [
         "search.lr: 0.025 -> 0.1"
     ]
+    # a checkpoint saved before the evaluation masks were resolved at load (nulls there)
+    # resumes a run whose masks are the defaults, and not one with other masks
+    old = {**saved, "search": {**saved["search"], "eval_mask_ratio": None}}
+    assert config_changes(old, saved) == []
+    other = {**saved, "search": {**saved["search"], "eval_mask_ratio": 0.9}}
+    assert config_changes(old, other) == [
+        f"search.eval_mask_ratio: {saved['search']['mask_ratio']!r} -> 0.9"
+    ]
 
 
 def test_a_non_finite_loss_stops_the_search_naming_epoch_and_step():

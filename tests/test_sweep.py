@@ -672,7 +672,7 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_epochs(tmp_path, caps
         assert os.stat(path).st_mtime_ns == mtime
 
 
-@pytest.mark.slow
+@pytest.mark.long  # about 5 minutes: pytest -m long
 def test_quickstart_runs_with_no_arguments(tmp_path):
     env = {**os.environ, "HOME": str(tmp_path)}
     start = time.monotonic()

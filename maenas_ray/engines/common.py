@@ -15,6 +15,7 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
+from maenas_ray.config import flatten, resolve_defaults
 from maenas_ray.space import Genotype
 
 Engine = Literal["search", "retrain"]
@@ -135,23 +136,15 @@ RESUMABLE_CHANGES: dict[Engine, frozenset[str]] = {
 }  # fmt: skip
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def config_changes(
     saved: dict[str, Any], current: dict[str, Any], engine: Engine = "search"
 ) -> list[str]:
     """The keys of ``engine``'s :data:`ENGINE_SECTIONS` whose values differ between two
     config dicts, as ``"key: old -> new"``, except its :data:`RESUMABLE_CHANGES`."""
     sections, resumable = ENGINE_SECTIONS[engine], RESUMABLE_CHANGES[engine]
-    a, b = (_flatten({k: v for k, v in tree.items() if k in sections}) for tree in (saved, current))
+    # a config saved before the evaluation masks were resolved at load holds nulls there
+    trees = (resolve_defaults(saved), resolve_defaults(current))
+    a, b = (flatten({k: v for k, v in tree.items() if k in sections}) for tree in trees)
     return sorted(
         f"{k}: {a.get(k)!r} -> {b.get(k)!r}"
         for k in set(a) | set(b)
