@@ -58,7 +58,7 @@ def check_sweep(cfg: Config) -> None:
     """The checks of a sweep on top of :meth:`Config.check`: the registered names, the
     experiment name, workers, the proxy retrain and the tuned space."""
     check_registered(cfg)
-    _check_workers(cfg)
+    _check_workers(cfg, "search")
     problem = None if cfg.name is None else name_problem(cfg.name)
     if problem is not None:
         fail("name", cfg.name, f"{problem} (a directory name)")
@@ -76,13 +76,7 @@ def check_sweep(cfg: Config) -> None:
                 f"stops trials on search epochs; objective.metric = "
                 f"{metric!r} exists only after the proxy retrain: use fifo",
             )
-        workers = cfg.tune.workers()
-        if cfg.retrain.batch_size % workers:
-            fail(
-                "retrain.batch_size",
-                cfg.retrain.batch_size,
-                f"must be divisible by the {workers} Ray Train workers of a trial",
-            )
+        _check_workers(cfg, "retrain")
         cfg.check_network(proxy=True)
         _check_proxy_split(cfg)
     tuned_masks = sorted({"mask_ratio", "patch_size"} & set(cfg.space))
@@ -106,13 +100,15 @@ def check_sweep(cfg: Config) -> None:
             )
 
 
-def _check_workers(cfg: Config) -> None:
-    """The search batch splits over the Ray Train workers of a trial."""
+def _check_workers(cfg: Config, section: str) -> None:
+    """The batch of ``section`` (search, or the proxy retrain's) splits over the Ray Train
+    workers of a trial."""
     workers = cfg.tune.workers()
-    if cfg.search.batch_size % workers:
+    batch_size = getattr(cfg, section).batch_size
+    if batch_size % workers:
         fail(
-            "search.batch_size",
-            cfg.search.batch_size,
+            f"{section}.batch_size",
+            batch_size,
             f"must be divisible by the {workers} Ray Train workers of a trial",
         )
 
@@ -176,7 +172,7 @@ def _check_space(cfg: Config) -> None:
         trial = dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, **dict(combo)))
         try:
             trial.check()
-            _check_workers(trial)
+            _check_workers(trial, "search")
         except ConfigError as err:
             point = ", ".join(f"{k}={v!r}" for k, v in combo)
             raise ConfigError(f"space: the trial point {point} is invalid: {err}") from None
