@@ -67,13 +67,21 @@ def unreachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> str | None:
         return err.strerror or str(err) or type(err).__name__
 
 
+def check_num_cpus(args: argparse.Namespace) -> None:
+    """Raises UsageError when ``--num-cpus`` is given and below 1."""
+    if args.num_cpus is not None and args.num_cpus < 1:
+        raise UsageError(f"--num-cpus {args.num_cpus}: must be >= 1")
+
+
 @contextlib.contextmanager
 def connected_ray(args: argparse.Namespace) -> Iterator[bool]:
     """Start a local Ray (reachable from this machine only) or join ``--address``, printing
     where, for the ``with`` block; it yields False (error printed) when that cannot be done.
     Ray is shut down (or left) at the end of the block."""
-    if args.num_cpus is not None and args.num_cpus < 1:
-        print(f"error: --num-cpus {args.num_cpus}: must be >= 1", file=sys.stderr)
+    try:
+        check_num_cpus(args)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
         yield False
         return
     problem = unreachable(args.address) if args.address else None
@@ -128,6 +136,16 @@ def _loopback_only() -> Iterator[None]:
         yield
 
 
+#: Ray's switch for the GCS port of a head node it starts (0 or unset: any free port).
+GCS_PORT_ENV = "RAY_GCS_SERVER_PORT"
+
+
+def _free_local_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @contextlib.contextmanager
 def ray_session(address: str | None, num_cpus: int | None, dashboard: bool) -> Iterator[str | None]:
     """Connect to the cluster at ``address``, or start a local Ray reachable from this
@@ -140,9 +158,16 @@ def ray_session(address: str | None, num_cpus: int | None, dashboard: bool) -> I
             context = ray.init(address=address)
         else:
             stack.enter_context(_loopback_only())
+            # Ray's own processes that look their cluster up (Train's placement group
+            # cleaner asks the State API) find it by RAY_ADDRESS, or else by scanning the
+            # machine, which fails when another Ray runs there (a second sweep, a retrain
+            # beside a sweep): the GCS gets a port chosen here and every worker its address.
+            port = _free_local_port()
+            stack.enter_context(mock.patch.dict(os.environ, {GCS_PORT_ENV: str(port)}))
             context = ray.init(
-                num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1"
-            )
+                num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
+                runtime_env={"env_vars": {"RAY_ADDRESS": f"127.0.0.1:{port}"}},
+            )  # fmt: skip
         stack.callback(ray.shutdown)
         yield f"http://{context.dashboard_url}" if context.dashboard_url else None
 

@@ -457,13 +457,13 @@ class Config:
         """The structural checks of every section (what a search needs of them).
 
         The registered names are checked by ``engines.check_registered``, a sweep by
-        ``sweep_space.check_sweep`` and a retrain run by :meth:`check_retrain`."""
+        ``sweep_space.check_sweep``, a search's data by :meth:`check_search_splits` and a
+        retrain run by :meth:`check_retrain`."""
         self.data.check()
         self.search.check()
         self.retrain.check()
         self.tune.check()
         self._check_search()
-        self._check_splits()
 
     def known_size(self) -> tuple[str, int] | None:
         """The number of training images when the config gives it (the synthetic dataset,
@@ -473,7 +473,7 @@ class Config:
             return "data.max_images", d.max_images
         return ("data.num_images", d.num_images) if d.dataset == "synthetic" else None
 
-    def _check_splits(self) -> None:
+    def check_search_splits(self) -> None:
         """The W- and A-split each hold a search batch (found here, not inside a trial)."""
         known = self.known_size()
         if known is None:
@@ -498,6 +498,12 @@ class Config:
                 r.batch_size,
                 f"must be divisible by retrain.num_workers ({r.num_workers})",
             )
+        known = self.known_size()
+        if known is not None and known[1] < r.batch_size:
+            fail(
+                known[0], known[1], f"the retrain would train on {known[1]} images, fewer "
+                f"than retrain.batch_size ({r.batch_size})",
+            )  # fmt: skip
         self.check_network(proxy=False)
 
     def check_network(self, proxy: bool) -> None:

@@ -47,7 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--storage-path", help=f"where the runs go (default: ${STORAGE_ENV}, else storage_path)"
     )
-    p.add_argument("--name", help="run name (default: retrain-<genotype>); reuse it to resume")
+    p.add_argument(
+        "--name", help="run name (default: retrain-<label>-<genotype id>); reuse it to resume"
+    )
     add_ray_arguments(p, "retrain.epochs=100")
     return p
 

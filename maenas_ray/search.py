@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(config_path, args.overrides)
         check_registered(cfg)
+        cfg.check_search_splits()
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -30,6 +30,7 @@ from maenas_ray.cli import (
     STORAGE_ENV,
     UsageError,
     add_ray_arguments,
+    check_num_cpus,
     check_shared_storage,
     config_overrides,
     connected_ray,
@@ -136,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         # Everything that can be checked is checked before Ray starts.
+        check_num_cpus(args)
         try:
             cfg, storage, name = _resumed(args) if args.resume else _fresh(args)
         except StorageError as err:
@@ -281,6 +283,10 @@ class _DropRestoreHint(logging.Filter):
 TUNE_OUTPUT_ENV = "RAY_AIR_NEW_OUTPUT"
 #: Tune's switch for its own Ctrl-C handler, which the sweep replaces (``_tune_output``).
 TUNE_SIGINT_ENV = "TUNE_DISABLE_SIGINT_HANDLER"
+#: Tune warns when it saves its state more often than every 5 s; the sweep wants it saved
+#: after every checkpoint (each trial's newest is Tune's only one: ``num_to_keep=1``), so
+#: short epochs would print a warning each time. 0 turns it off.
+TUNE_SYNC_WARNING_ENV = "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S"
 
 
 @contextlib.contextmanager
@@ -300,7 +306,8 @@ def _tune_output() -> Iterator[threading.Event]:
 
     previous = signal.signal(signal.SIGINT, ctrl_c)
     try:
-        with mock.patch.dict(os.environ, {TUNE_OUTPUT_ENV: "0", TUNE_SIGINT_ENV: "1"}):
+        quiet = {TUNE_OUTPUT_ENV: "0", TUNE_SIGINT_ENV: "1", TUNE_SYNC_WARNING_ENV: "0"}
+        with mock.patch.dict(os.environ, quiet):
             yield interrupted
     finally:
         signal.signal(signal.SIGINT, previous)

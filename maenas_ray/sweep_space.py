@@ -58,6 +58,7 @@ def check_sweep(cfg: Config) -> None:
     """The checks of a sweep on top of :meth:`Config.check`: the registered names, the
     experiment name, workers, the proxy retrain and the tuned space."""
     check_registered(cfg)
+    cfg.check_search_splits()
     _check_workers(cfg, "search")
     problem = None if cfg.name is None else name_problem(cfg.name)
     if problem is not None:
@@ -172,6 +173,7 @@ def _check_space(cfg: Config) -> None:
         trial = dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, **dict(combo)))
         try:
             trial.check()
+            trial.check_search_splits()
             _check_workers(trial, "search")
         except ConfigError as err:
             point = ", ".join(f"{k}={v!r}" for k, v in combo)

@@ -186,3 +186,13 @@ def test_the_config_module_imports_no_layer_above_it():
         "maenas_ray.mae", "maenas_ray.space", "maenas_ray.space.networks",
         "maenas_ray.space.partial",
     }  # fmt: skip
+
+
+def test_a_retrain_is_not_refused_for_the_search_splits_and_is_for_its_own_batch():
+    cfg = config_from_dict({"data": {"num_images": 100}, "retrain": {"batch_size": 8}})
+    cfg.check_retrain()  # the search's W-split (50 images) holds no search batch (64)
+    with pytest.raises(ConfigError, match=r"data.num_images = 100: the W-split would hold 50"):
+        cfg.check_search_splits()
+    small = config_from_dict({"data": {"num_images": 100}, "retrain": {"batch_size": 128}})
+    with pytest.raises(ConfigError, match=r"the retrain would train on 100 images, fewer than"):
+        small.check_retrain()

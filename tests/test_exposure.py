@@ -91,3 +91,16 @@ def test_every_server_of_the_local_ray_listens_on_loopback_only(local_ray):
             with socket.socket() as s, pytest.raises(OSError):
                 s.settimeout(2)
                 s.connect((address, port))
+
+
+def test_the_local_ray_s_own_processes_know_its_address(local_ray):
+    """Ray processes that look their cluster up (Ray Train's placement group cleaner asks
+    the State API) find this one by RAY_ADDRESS, not by scanning the machine, which fails
+    when another Ray runs there ("Found multiple active Ray instances")."""
+
+    @ray.remote(num_cpus=0)
+    def address() -> str | None:
+        return os.environ.get("RAY_ADDRESS")
+
+    gcs = ray.get_runtime_context().gcs_address
+    assert gcs.startswith("127.0.0.1:") and ray.get(address.remote()) == gcs

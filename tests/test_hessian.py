@@ -8,11 +8,13 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 from maenas_ray.config import config_from_dict
 from maenas_ray.engines import SearchLoop, dominant_eigenvalue, load_search_state, run_search
 from maenas_ray.engines.hessian import collapse_stop, exact_fp32
 from maenas_ray.mae import masked_mse
+from maenas_ray.search import main as search_main
 from maenas_ray.space import Genotype
 
 
@@ -122,6 +124,7 @@ def test_exact_fp32_turns_autocast_and_reduced_precision_math_off_and_restores_t
             assert conv.fp32_precision == "ieee"
             assert torch.backends.cudnn.conv.fp32_precision == "ieee"
             assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+            assert torch.backends.cudnn.rnn.fp32_precision == "ieee"
         assert (a @ a).dtype == torch.bfloat16
     assert conv.fp32_precision == before
 
@@ -240,3 +243,22 @@ def test_the_eigenvalue_is_reported_every_n_epochs():
     off = run_search(tiny(epochs=1, hessian_every=0))
     assert "hessian_eigenvalue" not in off.metrics
     json.dumps(result.history)  # plain JSON for metrics.jsonl and Tune
+
+
+def test_the_search_cli_says_when_and_why_it_stopped_early(monkeypatch, tmp_path, capsys):
+    scripted_eigenvalues(monkeypatch)
+    config = tmp_path / "stop.yaml"
+    config.write_text(yaml.safe_dump(tiny(epochs=8, early_stop=True, early_stop_window=2,
+                                          arch_lr=0.05).to_dict()))  # fmt: skip
+    assert search_main(["--config", str(config), "--out", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert [line.split()[1] for line in out.splitlines() if line.startswith("epoch ")] == [
+        f"{e}/8" for e in range(1, 7)
+    ]  # fmt: skip
+    (line,) = [line for line in out.splitlines() if line.startswith("stopped early")]
+    assert line.startswith("stopped early after epoch 6: ") and "ratio 0.51 < 0.75" in line
+    assert line.endswith("the result is the architecture of epoch 4")
+    saved = json.loads((tmp_path / "run" / "genotype.json").read_text())
+    final = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert Genotype.from_dict(saved) == Genotype.from_json(final["genotype"])
+    assert final["kept_epoch"] == 4

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
@@ -91,6 +92,11 @@ def test_shipped_sweep_configs_are_valid():
     ablation = load_sweep(REPO / "tune_configs" / "ablation_decoder.yaml")
     assert ablation.space["decoder"].choice == ["hierarchical", "plain"]
     assert "mask_ratio" in ablation.space
+    quick_ablation = load_sweep(REPO / "tune_configs" / "ablation_quick.yaml")  # docs/ablation.md
+    assert quick_ablation.space["decoder"].choice == ["hierarchical", "plain"]
+    assert quick_ablation.space["mask_ratio"].choice == [0.1, 0.3, 0.5, 0.7]
+    assert quick_ablation.tune.sampler == "grid" and quick_ablation.tune.num_samples == 8
+    assert quick_ablation.objective.metric == "proxy_top1"  # both scores, for Kendall τ
 
 
 def test_search_domains_cover_the_configured_ranges(tmp_path):
@@ -330,14 +336,21 @@ def _results(experiment: Path) -> ray.tune.ResultGrid:
 
 def _serves_the_study(command: list[str], name: str) -> None:
     """Run a printed ``optuna-dashboard <journal>`` on a free port: it serves the study."""
+    bin_dir = Path(sys.executable).parent  # the environment the project was installed in
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    studies = _serves(command, "/api/studies", lambda page: True, env)["study_summaries"]
+    assert [s["study_name"] for s in studies] == [name]
+
+
+def _serves(command: list[str], path: str, ready, env: dict) -> Any:
+    """Run a server command (``optuna-dashboard``, ``tensorboard``) on a free local port
+    until ``path`` answers with JSON that ``ready`` accepts (60 s at most); that JSON."""
     import socket
     import urllib.request
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    bin_dir = Path(sys.executable).parent  # the environment the project was installed in
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
     server = subprocess.Popen(
         [*command, "--host", "127.0.0.1", "--port", str(port)], env=env,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -346,15 +359,14 @@ def _serves_the_study(command: list[str], name: str) -> None:
         deadline = time.monotonic() + 60
         while True:
             try:
-                url = f"http://127.0.0.1:{port}/api/studies"
-                with urllib.request.urlopen(url, timeout=5) as r:
-                    studies = json.loads(r.read())["study_summaries"]
-                break
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+                    page = json.loads(r.read())
+                if ready(page):
+                    return page
             except OSError:
-                assert server.poll() is None, "optuna-dashboard exited"
-                assert time.monotonic() < deadline, "optuna-dashboard did not answer in 60 s"
-                time.sleep(0.5)
-        assert [s["study_name"] for s in studies] == [name]
+                assert server.poll() is None, f"{command[0]} exited"
+            assert time.monotonic() < deadline, f"{command[0]} did not answer in 60 s"
+            time.sleep(0.5)
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -451,6 +463,55 @@ def test_sweep_runs_trials_that_open_with_tune_and_optuna(tmp_path, capsys):
     assert len(figures) == 9 and all((experiment / "report" / f).stat().st_size for f in figures)
     study_copy = exp.study()
     assert [t.value for t in study_copy.trials] == [t.value for t in study.trials]
+    assert not list(experiment.rglob("*.in-use"))  # no scratch lock saved with a checkpoint
+    _readme_commands_work(out, experiment, tmp_path)
+
+
+#: The README's commands, as printed there, that run on this machine against a sweep
+#: (``~/maenas_ray_results/<sweep>``); the rest need a GPU, a cluster or a download.
+README_COMMANDS = [
+    "python -m maenas_ray.genotypes ~/maenas_ray_results/<sweep> --top 3 --format python",
+    "python -m maenas_ray.report ~/maenas_ray_results/<sweep>",
+    "python -m maenas_ray.retrain --genotype DARTS_V2 --config tune_configs/retrain_quick.yaml",
+    "tensorboard --logdir ~/maenas_ray_results/<sweep>",
+]
+
+
+def _readme_commands_work(out: str, experiment: Path, cwd: Path) -> None:
+    """Every command the sweep printed and the README's runnable ones exit 0 (servers:
+    answer) in the environment the project was installed in, nothing else installed: a
+    fresh user's first hour. The retrain prints one line per epoch and none of Ray's."""
+    readme = (REPO / "README.md").read_text()
+    printed = re.findall(r"^report: (python -m maenas_ray\.report \S+)$", out, re.M)
+    commands = [*printed]
+    for command in README_COMMANDS:
+        assert command in readme, command  # the README still prints it
+        commands.append(command.replace("~/maenas_ray_results/<sweep>", str(experiment)))
+    bin_dir = Path(sys.executable).parent
+    path = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "PATH": path, "HOME": str(cwd)}  # the retrain's default storage
+    trials = len(_trial_dirs(experiment))  # tensorboard: every trial is a run
+    for command in commands:
+        argv = command.split()
+        if argv[0] == "tensorboard":
+            _serves(argv, "/data/runs", lambda runs: len(runs) == trials, env)
+            continue
+        start = time.monotonic()
+        done = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, env=env,
+                              timeout=600)  # fmt: skip
+        both = done.stdout + done.stderr
+        assert done.returncode == 0, (command, both[-3000:])
+        if "retrain" in command:  # "about a minute", one line per epoch, no Ray noise
+            assert time.monotonic() - start < 180, command
+            assert [both.count(f"epoch {i}/3  train loss") for i in (1, 2, 3)] == [1, 1, 1], both
+            shown = re.sub(r"\x1b\[[0-9;]*m", "", both)  # as a terminal shows it
+            epochs = [line for line in shown.splitlines() if "/3  train loss" in line]
+            assert max(map(len, epochs)) <= 120, epochs  # Ray's worker prefix included
+            assert both.count("multiply-adds, epoch 3: top-1") == 1, both  # the result, once
+            for noise in ("Reporting training result", "PreemptionWatcher", "Traceback"):
+                assert noise not in both, (noise, both[-3000:])
+        if "--format python" in command:
+            assert done.stdout.count("Genotype(normal=[") == 3
 
 
 def test_a_trial_runs_data_parallel_over_two_workers(tmp_path, capsys):
@@ -699,38 +760,59 @@ def test_quickstart_runs_with_no_arguments(tmp_path):
 
 
 def _printed_and_readme_commands_work(out: str, experiment: Path, cwd: Path, env) -> None:
-    """Every command the sweep printed, and the README's quick retrains, exit 0 in the
-    environment the project was installed in (nothing else installed)."""
-    printed = {line.split(": ", 1)[0]: line.split(": ", 1)[1] for line in out.splitlines()
-               if line.startswith(("Optuna study: ", "report: "))}  # fmt: skip
-    _serves_the_study(printed["Optuna study"].split(), experiment.name)
+    """The default sweep's printed commands and the README's (``_readme_commands_work``),
+    and a quick retrain of its best genotype, recorded in the sweep."""
+    (command,) = re.findall(r"^Optuna study: (optuna-dashboard \S+)$", out, re.M)
+    _serves_the_study(command.split(), experiment.name)
+    _readme_commands_work(out, experiment, cwd)
     quick = str(REPO / "tune_configs" / "retrain_quick.yaml")
-    commands = [
-        printed["report"],
-        f"python -m maenas_ray.genotypes {experiment} --top 2 --format table",
-        f"python -m maenas_ray.retrain --genotype DARTS_V2 --config {quick}",
-        f"python -m maenas_ray.retrain --experiment {experiment} --top 1 --config {quick}",
-    ]
+    argv = f"python -m maenas_ray.retrain --experiment {experiment} --top 1 --config {quick}"
     bin_dir = Path(sys.executable).parent
     env = {**env, "PATH": f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"}
-    for command in commands:
-        start = time.monotonic()
-        done = subprocess.run(command.split(), capture_output=True, text=True, cwd=cwd, env=env,
-                              timeout=600)  # fmt: skip
-        assert done.returncode == 0, (command, done.stdout[-2000:], done.stderr[-2000:])
-        if "retrain" in command:  # "about a minute", and one line per epoch
-            assert time.monotonic() - start < 180, command
-            both = done.stdout + done.stderr
-            assert both.count("epoch 3/3  train loss") == 1, both[-2000:]
-            assert "Reporting training result" not in done.stdout + done.stderr
+    done = subprocess.run(argv.split(), capture_output=True, text=True, cwd=cwd, env=env,
+                          timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert len(list((experiment / "retrains").glob("*.json"))) == 1  # recorded in the sweep
+    assert "retrain_top1" in subprocess.run(
+        [sys.executable, "-m", "maenas_ray.genotypes", str(experiment), "--format", "table"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # the τ line against the full retrain  # fmt: skip
+
+
+README_SEARCH = (
+    "python -m maenas_ray.search --config tune_configs/search_quick.yaml --out runs/quick"
+)
 
 
 @pytest.mark.slow
-def test_the_quick_search_config_moves_alpha_within_about_a_minute():
-    config = Path(__file__).resolve().parent.parent / "tune_configs" / "search_quick.yaml"
+def test_the_quick_search_config_moves_alpha_within_about_a_minute(tmp_path):
+    """The README's standalone search, run as printed there."""
+    assert README_SEARCH in (REPO / "README.md").read_text()
+    (tmp_path / "tune_configs").symlink_to(REPO / "tune_configs")
+    bin_dir = Path(sys.executable).parent  # the environment the project was installed in
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
     start = time.monotonic()
-    result = run_search(load_config(config))
+    done = subprocess.run(README_SEARCH.split(), capture_output=True, text=True, cwd=tmp_path,
+                          env=env, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert time.monotonic() - start < 180  # about a minute on 2 free cores
-    assert result.metrics["alpha_entropy"] <= 0.95 * math.log(8)
-    assert [m["epoch"] for m in result.history if "hessian_eigenvalue" in m] == [2, 4, 6]
+    history = [json.loads(line) for line in (tmp_path / "runs/quick/metrics.jsonl").open()]
+    assert history[-1]["alpha_entropy"] <= 0.95 * math.log(8)
+    assert [m["epoch"] for m in history if "hessian_eigenvalue" in m] == [2, 4, 6]
+    assert "close to uniform" not in done.stdout
+    assert (tmp_path / "runs/quick/genotype.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "point",
+    [{"mask_ratio": 0.8, "patch_size": 8, "decoder_depth": 3},
+     {"mask_ratio": 0.3, "patch_size": 2, "decoder_depth": 1}],
+    ids=["fewest-patches-seen", "most-patches-seen"],
+)  # fmt: skip
+def test_the_quickstart_search_moves_alpha_at_the_corners_of_its_space(point):
+    """The default sweep's searches (the whole sweep runs under pytest -m long): at two
+    opposite corners of its tuned space, α ends far from uniform."""
+    trial = config_from_dict(merge(load_sweep(QUICKSTART).to_dict(), {"search": point}))
+    result = run_search(trial)
+    assert result.metrics["alpha_entropy"] <= 0.95 * math.log(8), result.metrics

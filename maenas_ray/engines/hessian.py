@@ -15,12 +15,17 @@ from contextlib import contextmanager
 import torch
 
 #: The fp32 precision settings of the backends that may otherwise run fp32 math in
-#: TF32 (CUDA matmul, cuDNN convolutions) or bf16 (oneDNN on CPUs that have it).
+#: TF32 (CUDA matmul, cuDNN) or bf16 (oneDNN on CPUs that have it), RNN knobs with the
+#: rest. Inside, PyTorch refuses to read the legacy ``torch.backends.cudnn.allow_tf32``
+#: (it was set through the new API); only torch.compile's Inductor reads it, and the
+#: search does not compile.
 _FP32_KNOBS = (
     ("cuda", "matmul"),
     ("cudnn", "conv"),
+    ("cudnn", "rnn"),
     ("mkldnn", "matmul"),
     ("mkldnn", "conv"),
+    ("mkldnn", "rnn"),
 )
 
 

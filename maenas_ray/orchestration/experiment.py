@@ -10,6 +10,7 @@ directory per trial with its checkpoints, Train run, ``genotype.json`` and pictu
 from __future__ import annotations
 
 import errno
+import json
 import math
 import os
 import typing
@@ -108,9 +109,12 @@ class ConsistentOptunaSearch(OptunaSearch):
 
     - a trial the study has already finished is neither reported nor told again (Optuna
       would raise ``UpdateFinishedTrialError`` and the resumed sweep could never end);
-    - on restore, a study trial that Tune's state does not know (asked for after Tune last
-      saved its state) is failed as an orphan, and a trial whose directory proves it
-      finished while the study still has it running is told its final value;
+    - on restore, a trial in Tune's saved state that the searcher's saved state does not
+      map (Tune writes the two one after the other; a kill between them tears them) gets
+      its study trial back: the running one with its values, else a new one with them;
+    - a study trial that Tune's state does not know (asked for after Tune last saved its
+      state) is failed as an orphan, and a trial whose directory proves it finished while
+      the study still has it running is told its final value;
     - the study names its objective (``set_metric_names``), for the Optuna dashboard.
     """
 
@@ -183,7 +187,8 @@ class ConsistentOptunaSearch(OptunaSearch):
             trials = {t.trial_id: t for t in load_experiment(self._experiment_uri).trials()}
         except ExperimentError:
             trials = {}
-        changes, known = [], set()
+        changes = self._adopt_torn_trials()
+        known = set()
         storage = self._ot_study._storage
         for trial_id, ot_trial in list(self._ot_trials.items()):
             stored = storage.get_trial(ot_trial._trial_id)
@@ -210,6 +215,48 @@ class ConsistentOptunaSearch(OptunaSearch):
             print(f"resume: {change}", flush=True)
         return changes
 
+    def _adopt_torn_trials(self) -> list[str]:
+        """Map each trial of Tune's saved state that the searcher's saved state lacks to a
+        study trial with its values that no other Tune trial has (the one asked for just
+        before the kill), else to a new one with its values (enqueued)."""
+        assert self._ot_study is not None
+        tune = tune_state_trials(resolve_storage(self._experiment_uri))
+        missing = {t: c for t, c in tune.items() if t not in self._ot_trials}
+        if not missing or not isinstance(self._space, dict):
+            return []
+        storage = self._ot_study._storage
+        mapped = {storage.get_trial(t._trial_id).number for t in self._ot_trials.values()}
+        # running study trials first: the one asked for just before the kill
+        free = sorted(
+            (
+                t
+                for t in self._ot_study.get_trials(deepcopy=False)
+                if t.number not in mapped and t.state != optuna.trial.TrialState.WAITING
+            ),
+            key=lambda t: (t.state != optuna.trial.TrialState.RUNNING, t.number),
+        )
+        changes = []
+        for trial_id, config in missing.items():
+            try:
+                params = {key: _lookup(config, key) for key in self._space}
+            except (KeyError, TypeError):
+                continue  # not a config of this sweep's space: left to the checks below
+            same = [t for t in free if _same_values(t.params, params)]
+            if same:
+                free.remove(same[0])
+                self._ot_trials[trial_id] = optuna.Trial(self._ot_study, same[0]._trial_id)
+                how = "taken back"
+            else:
+                self._ot_study.enqueue_trial(params, skip_if_exists=False)
+                self._ot_trials[trial_id] = self._ot_study.ask(fixed_distributions=self._space)
+                how = "asked again"
+            number = storage.get_trial(self._ot_trials[trial_id]._trial_id).number
+            changes.append(
+                f"study trial {number}: {how} for trial {trial_id} (in Ray Tune's saved "
+                "state, not in its searcher's: the driver died between the two)"
+            )
+        return changes
+
     def _set_aside_orphan_directories(self, trials: dict[str, Any]) -> list[str]:
         """Move the directories of trials Tune's restored state does not know (started after
         it last saved; Tune starts new trials in their place) to ``orphaned/``, out of the
@@ -218,8 +265,9 @@ class ConsistentOptunaSearch(OptunaSearch):
             return []
         experiment = resolve_storage(self._experiment_uri)
         changes = []
+        tune = tune_state_trials(experiment)
         for trial_id, trial in trials.items():
-            if trial_id in self._ot_trials:
+            if trial_id in self._ot_trials or trial_id in tune:
                 continue
             name = trial.path.rstrip("/").rsplit("/", 1)[-1]
             experiment.fs.create_dir(experiment.join(ORPHANED_DIR), recursive=True)
@@ -230,6 +278,42 @@ class ConsistentOptunaSearch(OptunaSearch):
 
 #: Where ``--resume`` moves the directories of trials Tune's saved state never knew.
 ORPHANED_DIR = "orphaned"
+
+
+def tune_state_trials(experiment: Storage) -> dict[str, dict[str, Any]]:
+    """The trials of Ray Tune's newest saved state (``experiment_state-*.json``, what
+    ``Tuner.restore`` restores), by trial id, each with its config; {} if none is readable."""
+    import pyarrow.fs
+
+    infos = experiment.fs.get_file_info(
+        pyarrow.fs.FileSelector(experiment.path, allow_not_found=True)
+    )
+    states = sorted(
+        i.base_name for i in infos
+        if i.base_name.startswith("experiment_state-") and i.base_name.endswith(".json")
+    )  # fmt: skip
+    if not states:
+        return {}
+    try:
+        with experiment.fs.open_input_stream(experiment.join(states[-1])) as f:
+            data = json.loads(f.read().decode())
+        trials = [json.loads(entry[0]) for entry in data["trial_data"]]
+        return {t["trial_id"]: t["config"] for t in trials if isinstance(t["config"], dict)}
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return {}
+
+
+def _lookup(config: dict[str, Any], key: str) -> Any:
+    """``config["search"]["mask_ratio"]`` for the searcher's key ``search/mask_ratio``."""
+    for part in key.split("/"):
+        config = config[part]
+    return config
+
+
+def _same_values(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return a.keys() == b.keys() and all(
+        math.isclose(a[k], b[k]) if isinstance(a[k], float) else a[k] == b[k] for k in a
+    )
 
 
 class NoSpaceError(OSError):
@@ -359,8 +443,9 @@ def progress_table(cfg: Config) -> ray.tune.CLIReporter:
     It is Tune's classic reporter: the driver sets ``RAY_AIR_NEW_OUTPUT=0``, without which
     Tune ignores it."""
     metric = cfg.objective.metric
-    metrics = {STAGE_KEY: "stage", "eval_loss": "eval loss"}
-    metrics[metric] = metric
+    # metric headers on two lines ("eval" over "loss"): no wider than their values
+    metrics = {STAGE_KEY: "stage", "eval_loss": "eval\nloss"}
+    metrics[metric] = metric.replace("_", "\n", 1)
     params = {f"search/{key}": SHORT_NAMES.get(key, key) for key in cfg.space}
     return ray.tune.CLIReporter(
         metric_columns=metrics,
