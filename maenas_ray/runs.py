@@ -103,12 +103,13 @@ def inject_fault(
 
 
 def retrain_line(epoch: int, epochs: int, m: dict[str, Any]) -> str:
-    """One readable progress line of a retrain epoch: within 120 columns behind Ray's
-    ``(RayTrainWorker pid=...)`` prefix (the training top-1 is in the metrics only)."""
+    """One readable progress line of a retrain epoch (losses, then held-out accuracy),
+    within 120 columns behind Ray's ``(RayTrainWorker pid=...)`` prefix; the training
+    top-1 is in the metrics only."""
     return (
-        f"epoch {epoch}/{epochs}  train loss {m['train_loss']:.4f}"
-        f"  test loss {m['test_loss']:.4f} top-1 {m['top1']:.4f} top-5 {m['top5']:.4f}"
-        f"  lr {m['lr']:.3g}  {m['images_per_sec']:.0f} img/s"
+        f"epoch {epoch}/{epochs}  train {m['train_loss']:.4f}  test {m['test_loss']:.4f}"
+        f" top-1 {m['top1']:.3f} top-5 {m['top5']:.3f}  lr {m['lr']:.3g}"
+        f"  {m['images_per_sec']:.0f} img/s"
     )
 
 

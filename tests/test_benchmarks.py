@@ -1,6 +1,7 @@
 """The prepared benchmarks run end to end (at tiny sizes on the CPU), so they cannot rot."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,9 +11,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_the_device_check_smoke_run_writes_its_json_and_summary(tmp_path):
     out = tmp_path / "check"
+    bin_dir = Path(sys.executable).parent  # its `python`: the environment of the project
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
     run = subprocess.run(
         ["bash", str(ROOT / "benchmarks" / "device_check.sh"), "--smoke", str(out)],
-        capture_output=True, text=True, timeout=480,
+        capture_output=True, text=True, timeout=480, env=env,
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     figures = json.loads((out / "device_check.json").read_text())

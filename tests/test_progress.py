@@ -1,4 +1,5 @@
-"""The sweep's progress table, as Ray Tune prints it, fits a 120-column terminal."""
+"""What a sweep and a retrain print as they go fits a 120-column terminal: the progress
+table, as Ray Tune prints it, and the retrain's line per epoch."""
 
 from pathlib import Path
 from types import SimpleNamespace
@@ -7,6 +8,7 @@ import pytest
 from ray.tune.progress_reporter import _trial_progress_table
 
 from maenas_ray.orchestration.experiment import progress_table
+from maenas_ray.runs import retrain_line
 from maenas_ray.sweep_space import load_sweep
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,3 +56,12 @@ def test_the_progress_table_shows_stage_and_objective_within_120_columns(name):
     top, bottom = cfg.objective.metric.split("_", 1)
     assert top in lines[1] and bottom in lines[2], table  # the objective, on two lines
     assert f"search {epochs}/{epochs}" in table and "0.880859" in table
+
+
+def test_a_retrain_epoch_line_fits_120_columns_behind_ray_s_prefix():
+    """At its widest: a 600-epoch protocol, a 7-digit pid, tens of thousands of images/s."""
+    metrics = {"train_loss": 12.3456, "test_loss": 10.0, "top1": 0.9999, "top5": 1.0,
+               "lr": 0.0125, "images_per_sec": 65432.1}  # fmt: skip
+    line = f"(RayTrainWorker pid=4194304) {retrain_line(600, 600, metrics)}"
+    assert len(line) <= 120, (len(line), line)
+    assert retrain_line(3, 3, metrics).startswith("epoch 3/3  train 12.3456  test 10.0000")

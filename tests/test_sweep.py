@@ -503,9 +503,9 @@ def _readme_commands_work(out: str, experiment: Path, cwd: Path) -> None:
         assert done.returncode == 0, (command, both[-3000:])
         if "retrain" in command:  # "about a minute", one line per epoch, no Ray noise
             assert time.monotonic() - start < 180, command
-            assert [both.count(f"epoch {i}/3  train loss") for i in (1, 2, 3)] == [1, 1, 1], both
+            assert [both.count(f"epoch {i}/3  train ") for i in (1, 2, 3)] == [1, 1, 1], both
             shown = re.sub(r"\x1b\[[0-9;]*m", "", both)  # as a terminal shows it
-            epochs = [line for line in shown.splitlines() if "/3  train loss" in line]
+            epochs = [line for line in shown.splitlines() if "/3  train " in line]
             assert max(map(len, epochs)) <= 120, epochs  # Ray's worker prefix included
             assert both.count("multiply-adds, epoch 3: top-1") == 1, both  # the result, once
             for noise in ("Reporting training result", "PreemptionWatcher", "Traceback"):
