@@ -328,7 +328,10 @@ def test_a_torn_tune_snapshot_resumes_every_trial_once(tmp_path):
     assert len(study) == 3
 
 
-def test_ctrl_c_stops_the_sweep_with_130_and_says_how_to_resume(tmp_path):
+@pytest.mark.parametrize("to", ["driver", "process-group"])
+def test_ctrl_c_stops_the_sweep_with_130_and_says_how_to_resume(tmp_path, to):
+    """Ctrl-C: to the driver alone, and as a terminal sends it, to its whole foreground
+    process group (the driver and every Ray process it started)."""
     config = write_config(
         tmp_path, search={"epochs": 3}, tune={"num_samples": 2, "checkpoints_to_keep": 10}
     )
@@ -339,7 +342,10 @@ def test_ctrl_c_stops_the_sweep_with_130_and_says_how_to_resume(tmp_path):
     _wait_for(proc, log, lambda: glob.glob(str(store / "f" / "trial_*" / "search"
                                                / "checkpoint_epoch_00001")),
               "first epoch")  # fmt: skip
-    proc.send_signal(signal.SIGINT)  # Ctrl-C in the driver's terminal
+    if to == "driver":
+        proc.send_signal(signal.SIGINT)
+    else:  # the sweep runs in its own session, as in a terminal of its own
+        os.killpg(proc.pid, signal.SIGINT)
     assert proc.wait(timeout=300) == 130, log.read_text()[-3000:]
     out = log.read_text()
     assert "the sweep was interrupted:" in out
