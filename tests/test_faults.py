@@ -24,6 +24,7 @@ from test_sweep import _results, _study, _sweep_command, _trial_dirs, write_conf
 from maenas_ray.engines import load_search_state
 from maenas_ray.engines.retrain import load_retrain_state
 from maenas_ray.orchestration.experiment import ORPHANED_DIR
+from maenas_ray.results import load_experiment
 
 
 def _start(config: Path, store: Path, log: Path, *extra: str) -> subprocess.Popen:
@@ -353,6 +354,10 @@ def test_ctrl_c_stops_the_sweep_with_130_and_says_how_to_resume(tmp_path, to):
     assert "partial leaderboard" in out and "Tuner.restore(" not in out
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
+    # the interrupted trials are unfinished: left out of the score's correlation, counted
+    interrupted = load_experiment(str(store / "f"))
+    unfinished = [t for t in interrupted.trials() if t.status == "unfinished"]
+    assert unfinished and interrupted.correlation().left_out["unfinished"] == len(unfinished)
     checkpoints = _stored_checkpoints(store / "f")
     resumed = _resume(config, store)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]

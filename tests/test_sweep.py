@@ -664,6 +664,9 @@ def test_a_diverging_trial_is_marked_errored_not_scored(tmp_path, capsys):
         assert not (Path(trial.path) / "search_result.json").exists()  # no result written
     with pytest.raises(ExperimentError):
         exp.best()  # nothing to rank: no score came from a diverged search
+    # really errored trials are left out of the label-free score's correlation, and counted
+    assert exp.correlation().left_out == {"errored": 2, "unfinished": 0,
+                                          "without proxy_top1": 0}  # fmt: skip
     study = _study(store / "nan", "nan")
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL] * 2
     from maenas_ray.lock import SweepLock
