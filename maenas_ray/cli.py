@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import os
 import socket
+import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
@@ -53,18 +54,30 @@ def config_overrides(args: argparse.Namespace) -> list[str]:
 CONNECT_TIMEOUT_S = 15.0
 
 
-def unreachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> str | None:
-    """Why ``host:port`` (a Ray cluster's GCS) does not accept a connection within
-    ``timeout`` seconds, or None when it does or when the address is not host:port (``auto``
-    or ``ray://``: Ray resolves those itself). Ray would otherwise retry for ever."""
+def unreachable(address: str, timeout: float | None = None) -> str | None:
+    """Why ``host:port`` is not a Ray cluster's GCS: it does not accept a connection within
+    ``timeout`` seconds, or no GCS answers there in twice that; None when one does or when
+    the address is not host:port (``auto`` or ``ray://``: Ray resolves those itself). Ray
+    would otherwise retry for ever."""
     host, sep, port = address.rpartition(":")
     if not sep or "://" in address or not port.isdigit():
         return None
+    timeout = CONNECT_TIMEOUT_S if timeout is None else timeout
     try:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
-            return None
+            pass
     except OSError as err:
         return err.strerror or str(err) or type(err).__name__
+    # Ray's own GCS client, in a process of its own: it logs its retries to stderr and
+    # gives up only after about 40 s
+    probe = f"from ray._raylet import GcsClient; GcsClient(address={address!r})"
+    try:
+        answered = subprocess.run(
+            [sys.executable, "-c", probe], capture_output=True, timeout=2 * timeout
+        ).returncode == 0  # fmt: skip
+    except subprocess.TimeoutExpired:
+        answered = False
+    return None if answered else "it accepts connections, but no Ray GCS answers there"
 
 
 def check_num_cpus(args: argparse.Namespace) -> None:

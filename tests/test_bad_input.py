@@ -160,3 +160,43 @@ def test_bad_input_gives_one_clear_line_and_leaves_nothing(tmp_path, capsys, cli
     assert not store.exists() or list(store.iterdir()) == []
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != "store") == before
     assert not ray.is_initialized()
+
+
+def test_an_address_where_no_ray_answers_is_refused_in_bounded_time(tmp_path, capsys, monkeypatch):
+    """A host:port that accepts connections but is no Ray cluster (Ray would retry for
+    ever): one line, exit 2, within twice the connect timeout."""
+    import contextlib
+    import socket
+    import threading
+
+    from maenas_ray import cli
+
+    monkeypatch.setattr(cli, "CONNECT_TIMEOUT_S", 3.0)
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    accepted, stop = [], threading.Event()
+
+    def accept() -> None:  # take connections and say nothing, as a wrong service would
+        server.settimeout(0.2)
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                accepted.append(server.accept()[0])
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        start = time.monotonic()
+        rc = sweep_main(["--address", f"127.0.0.1:{port}", "--storage-path", str(tmp_path / "s")])
+        took = time.monotonic() - start
+    finally:
+        stop.set()
+        thread.join()
+        server.close()
+    err = capsys.readouterr().err
+    assert rc == 2 and took < 20, (rc, took, err)
+    assert err.strip() == (
+        f"error: cannot reach the Ray cluster at --address 127.0.0.1:{port}: it accepts "
+        "connections, but no Ray GCS answers there"
+    )
+    assert accepted and not ray.is_initialized()
+    assert not (tmp_path / "s").exists() or list((tmp_path / "s").iterdir()) == []
