@@ -46,3 +46,23 @@ def test_the_alpha_precision_benchmark_compares_bf16_with_fp32(tmp_path):
     assert figures["hessian"]["hessian_vector_product_s"] > 0
     assert 0 < figures["hessian"]["share_of_cifar10_epoch"] < 1
     assert run.stdout.strip().splitlines()[-1].startswith("hessian share of a CIFAR-10 epoch: ")
+
+
+def test_the_ablation_table_reads_a_sweep_into_docs_ablation_rows(tmp_path):
+    from test_report import TRIALS, ablation
+
+    experiment = ablation(tmp_path / "abl", proxy=True)
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    run = subprocess.run(
+        ["python", str(ROOT / "benchmarks" / "ablation_table.py"), str(experiment)],
+        capture_output=True, text=True, timeout=120, env=env, check=True,
+    )  # fmt: skip
+    lines = run.stdout.strip().splitlines()
+    assert lines[0].startswith("| decoder | mask ratio | final skips | skips per epoch |")
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:6]]
+    # one row per trial, by decoder then mask ratio, with its final skip count
+    by_key = {(t[1], t[2]): t[4] for t in TRIALS}
+    assert [(c[0], float(c[1])) for c in cells] == sorted(by_key)
+    assert [int(c[2]) for c in cells] == [by_key[(c[0], float(c[1]))] for c in cells]
+    assert lines[-1].startswith("Kendall τ(−eval_loss, proxy_top1) = 0.333")
