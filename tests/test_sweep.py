@@ -756,6 +756,9 @@ def test_quickstart_runs_with_no_arguments(tmp_path):
     for trial in _trial_dirs(experiment):
         final = json.loads((trial / "result.json").read_text().splitlines()[-1])
         assert final["alpha_entropy"] <= 0.95 * math.log(8), (trial, final["alpha_entropy"])
+        # the tuned mask ratio is stored on its 0.05 grid (0.6, not 0.6000000000000001)
+        ratio = json.loads((trial / "params.json").read_text())["search"]["mask_ratio"]
+        assert repr(ratio) == repr(round(ratio, 2)) and abs(ratio * 20 - round(ratio * 20)) < 1e-9
         assert final["proxy_held_out_images"] >= 500
         assert "hessian_eigenvalue" in final
     assert "close to uniform" not in run.stdout
