@@ -1,21 +1,20 @@
 """The prepared benchmarks run end to end (at tiny sizes on the CPU), so they cannot rot."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
+
+from test_sweep import installed_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_the_device_check_smoke_run_writes_its_json_and_summary(tmp_path):
     out = tmp_path / "check"
-    bin_dir = Path(sys.executable).parent  # its `python`: the environment of the project
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
     run = subprocess.run(
         ["bash", str(ROOT / "benchmarks" / "device_check.sh"), "--smoke", str(out)],
-        capture_output=True, text=True, timeout=480, env=env,
+        capture_output=True, text=True, timeout=480, env=installed_env(),
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     figures = json.loads((out / "device_check.json").read_text())
@@ -52,11 +51,9 @@ def test_the_ablation_table_reads_a_sweep_into_docs_ablation_rows(tmp_path):
     from test_report import TRIALS, ablation
 
     experiment = ablation(tmp_path / "abl", proxy=True)
-    bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
     run = subprocess.run(
         ["python", str(ROOT / "benchmarks" / "ablation_table.py"), str(experiment)],
-        capture_output=True, text=True, timeout=120, env=env, check=True,
+        capture_output=True, text=True, timeout=120, env=installed_env(), check=True,
     )  # fmt: skip
     lines = run.stdout.strip().splitlines()
     assert lines[0].startswith("| decoder | mask ratio | final skips | skips per epoch |")

@@ -334,11 +334,19 @@ def _results(experiment: Path) -> ray.tune.ResultGrid:
     return ray.tune.Tuner.restore(str(experiment), ex.trainable(cfg)).get_results()
 
 
+def installed_env(base: dict[str, str] | None = None, **extra: str) -> dict[str, str]:
+    """The environment (``base``, else this process's, with ``extra``) in which a printed
+    command such as ``python -m ...`` or ``optuna-dashboard`` runs as after the README's
+    install: the project's environment first on PATH, nothing else installed."""
+    base = dict(os.environ if base is None else base)
+    bin_dir = Path(sys.executable).parent
+    return {**base, "PATH": f"{bin_dir}{os.pathsep}{base.get('PATH', '')}", **extra}
+
+
 def _serves_the_study(command: list[str], name: str) -> None:
     """Run a printed ``optuna-dashboard <journal>`` on a free port: it serves the study."""
-    bin_dir = Path(sys.executable).parent  # the environment the project was installed in
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
-    studies = _serves(command, "/api/studies", lambda page: True, env)["study_summaries"]
+    studies = _serves(command, "/api/studies", lambda page: True, installed_env())
+    studies = studies["study_summaries"]
     assert [s["study_name"] for s in studies] == [name]
 
 
@@ -487,9 +495,7 @@ def _readme_commands_work(out: str, experiment: Path, cwd: Path) -> None:
     for command in README_COMMANDS:
         assert command in readme, command  # the README still prints it
         commands.append(command.replace("~/maenas_ray_results/<sweep>", str(experiment)))
-    bin_dir = Path(sys.executable).parent
-    path = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
-    env = {**os.environ, "PATH": path, "HOME": str(cwd)}  # the retrain's default storage
+    env = installed_env(HOME=str(cwd))  # HOME: where the retrain's default storage goes
     trials = len(_trial_dirs(experiment))  # tensorboard: every trial is a run
     for command in commands:
         argv = command.split()
@@ -773,10 +779,8 @@ def _printed_and_readme_commands_work(out: str, experiment: Path, cwd: Path, env
     _readme_commands_work(out, experiment, cwd)
     quick = str(REPO / "tune_configs" / "retrain_quick.yaml")
     argv = f"python -m maenas_ray.retrain --experiment {experiment} --top 1 --config {quick}"
-    bin_dir = Path(sys.executable).parent
-    env = {**env, "PATH": f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"}
-    done = subprocess.run(argv.split(), capture_output=True, text=True, cwd=cwd, env=env,
-                          timeout=600)  # fmt: skip
+    done = subprocess.run(argv.split(), capture_output=True, text=True, cwd=cwd,
+                          env=installed_env(env), timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert len(list((experiment / "retrains").glob("*.json"))) == 1  # recorded in the sweep
     assert "retrain_top1" in subprocess.run(
@@ -795,11 +799,9 @@ def test_the_quick_search_config_moves_alpha_within_about_a_minute(tmp_path):
     """The README's standalone search, run as printed there."""
     assert README_SEARCH in (REPO / "README.md").read_text()
     (tmp_path / "tune_configs").symlink_to(REPO / "tune_configs")
-    bin_dir = Path(sys.executable).parent  # the environment the project was installed in
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
     start = time.monotonic()
     done = subprocess.run(README_SEARCH.split(), capture_output=True, text=True, cwd=tmp_path,
-                          env=env, timeout=600)  # fmt: skip
+                          env=installed_env(), timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert time.monotonic() - start < 180  # about a minute on 2 free cores
     history = [json.loads(line) for line in (tmp_path / "runs/quick/metrics.jsonl").open()]

@@ -187,7 +187,8 @@ class ConsistentOptunaSearch(OptunaSearch):
             trials = {t.trial_id: t for t in load_experiment(self._experiment_uri).trials()}
         except ExperimentError:
             trials = {}
-        changes = self._adopt_torn_trials()
+        tune = tune_state_trials(resolve_storage(self._experiment_uri))
+        changes = self._adopt_torn_trials(tune)
         known = set()
         storage = self._ot_study._storage
         for trial_id, ot_trial in list(self._ot_trials.items()):
@@ -210,17 +211,17 @@ class ConsistentOptunaSearch(OptunaSearch):
                 )
                 storage.set_trial_state_values(stored._trial_id, optuna.trial.TrialState.FAIL)
                 changes.append(f"study trial {stored.number}: failed, no Tune trial has it")
-        changes += self._set_aside_orphan_directories(trials)
+        changes += self._set_aside_orphan_directories(trials, tune)
         for change in changes:
             print(f"resume: {change}", flush=True)
         return changes
 
-    def _adopt_torn_trials(self) -> list[str]:
-        """Map each trial of Tune's saved state that the searcher's saved state lacks to a
-        study trial with its values that no other Tune trial has (the one asked for just
-        before the kill), else to a new one with its values (enqueued)."""
+    def _adopt_torn_trials(self, tune: dict[str, dict[str, Any]]) -> list[str]:
+        """Map each trial of Tune's saved state (``tune``: config by trial id) that the
+        searcher's saved state lacks to a study trial with its values that no other Tune
+        trial has (the one asked for just before the kill), else to a new one with its
+        values (enqueued)."""
         assert self._ot_study is not None
-        tune = tune_state_trials(resolve_storage(self._experiment_uri))
         missing = {t: c for t, c in tune.items() if t not in self._ot_trials}
         if not missing or not isinstance(self._space, dict):
             return []
@@ -257,7 +258,9 @@ class ConsistentOptunaSearch(OptunaSearch):
             )
         return changes
 
-    def _set_aside_orphan_directories(self, trials: dict[str, Any]) -> list[str]:
+    def _set_aside_orphan_directories(
+        self, trials: dict[str, Any], tune: dict[str, dict[str, Any]]
+    ) -> list[str]:
         """Move the directories of trials Tune's restored state does not know (started after
         it last saved; Tune starts new trials in their place) to ``orphaned/``, out of the
         leaderboard, the report and the correlations."""
@@ -265,7 +268,6 @@ class ConsistentOptunaSearch(OptunaSearch):
             return []
         experiment = resolve_storage(self._experiment_uri)
         changes = []
-        tune = tune_state_trials(experiment)
         for trial_id, trial in trials.items():
             if trial_id in self._ot_trials or trial_id in tune:
                 continue
