@@ -3,6 +3,7 @@ formulation written out literally, and K = 1 against DARTS."""
 
 import copy
 import importlib.util
+import itertools
 import re
 from pathlib import Path
 
@@ -69,7 +70,9 @@ def _loss_and_gradients(net, forward, x):
 
 
 @pytest.mark.parametrize("formulation", ["fast", "reference"])
-@pytest.mark.parametrize(("channels", "k"), [(4, 2), (8, 4)], ids=["C4-K2", "C8-K4"])
+@pytest.mark.parametrize(
+    ("channels", "k"), [(4, 2), (8, 4), (4, 4)], ids=["C4-K2", "C8-K4", "C4-K4"]
+)
 def test_partial_channel_supernet_is_pc_darts_in_float64(formulation, channels, k):
     # 4 cells: normal, reduce, reduce (after a reduction), normal (after a reduction)
     torch.manual_seed(0)
@@ -218,3 +221,26 @@ def test_search_step_benchmark_times_pc_darts_against_darts(capsys):
     assert re.search(r"^pc-fast +\d+\.\d +\d+\.\d{3} +\d+\.\d$", out, re.M)
     assert "|pc-fast - reference K=2|" in out and "same mathematics: yes" in out
     assert re.fullmatch(r"speedup: \d+\.\d\d", out.strip().splitlines()[-1])
+
+
+def test_under_bf16_autocast_the_fast_path_rounds_no_worse_than_the_reference():
+    # on CUDA the weight step and the first-order α pass run under bf16 autocast; the fast
+    # path's stacked edges (block-diagonal 1x1 convolutions, several filters per channel)
+    # must lose no more to bf16 than the edges computed one by one
+    torch.manual_seed(0)
+    nets = {f: Supernet(8, 4, formulation=f, partial_channels=4) for f in ("fast", "reference")}
+    nets["reference"].load_state_dict(nets["fast"].state_dict())
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    grads = {}
+    for (name, net), bf16 in itertools.product(nets.items(), (False, True)):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            features = net(x)
+        loss = sum(f.float().square().mean() for f in features)
+        grads[name, bf16] = torch.cat([g.flatten() for g in torch.autograd.grad(
+            loss, net.arch_parameters())])  # fmt: skip
+    exact = grads["reference", False]
+    torch.testing.assert_close(grads["fast", False], exact, rtol=1e-4, atol=1e-6)
+    cosine = {n: F.cosine_similarity(grads[n, True], exact, dim=0).item() for n in nets}
+    error = {n: ((grads[n, True] - exact).norm() / exact.norm()).item() for n in nets}
+    assert cosine["fast"] > 0.995, cosine
+    assert error["fast"] <= 1.5 * error["reference"] + 1e-3, error

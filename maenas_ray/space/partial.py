@@ -30,8 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from maenas_ray.space.fastpath import CellWeights, SharedInputs, _format, mixed_edge
+from maenas_ray.space.fastpath import SharedInputs, _format
 from maenas_ray.space.genotype import NODES
+from maenas_ray.space.stacked import chunks, stacked_edges
 
 
 def partial_channels_problem(channels: int, k: int) -> str | None:
@@ -51,27 +52,10 @@ def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x.view(b, groups, c // groups, h, w).transpose(1, 2).reshape(b, c, h, w)
 
 
-class _Split(torch.autograd.Function):
-    """``x[:, :head]`` and ``x[:, head:]`` as contiguous tensors in ``x``'s memory format.
-
-    The backward concatenates their gradients in that format: a channel slice's own
-    backward makes an NCHW gradient, on which the CPU kernels after it are slower.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, head: int) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
-        ctx.format = _format(x)
-        parts = x.split([head, x.shape[1] - head], dim=1)
-        return tuple(p.contiguous(memory_format=ctx.format) for p in parts)  # type: ignore[return-value]
-
-    @staticmethod
-    def backward(ctx, g_head: torch.Tensor, g_rest: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
-        return torch.cat([g_head, g_rest], dim=1).contiguous(memory_format=ctx.format), None
-
-
 def split_channels(x: torch.Tensor, head: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``head`` channels of ``x`` and the others, each contiguous."""
-    return _Split.apply(x, head)
+    """The first ``head`` channels of ``x`` and the others, each contiguous in ``x``'s
+    memory format (so is the gradient handed back: see :func:`~maenas_ray.space.stacked.chunks`)."""
+    return chunks(x, [head, x.shape[1] - head])  # type: ignore[return-value]
 
 
 class _Shuffle(torch.autograd.Function):
@@ -120,6 +104,19 @@ class PartialInputs:
         self.bypass = rest if stride == 1 else F.max_pool2d(rest, 2)
 
 
+def _edges_by_source(states: int) -> list[list[tuple[int, int]]]:
+    """For each state of a cell (its two inputs, then its nodes), the ``(edge, node)`` pairs
+    of the edges leaving it, in edge order; node ``i``'s edges are numbered from
+    ``Σ_{i' < i} (i' + 2)``, one per state before it."""
+    out: list[list[tuple[int, int]]] = [[] for _ in range(states)]
+    offset = 0
+    for node in range(NODES):
+        for j in range(node + 2):
+            out[j].append((offset + j, node))
+        offset += node + 2
+    return out
+
+
 def partial_nodes(
     edges: nn.ModuleList,
     states: list[torch.Tensor],
@@ -133,25 +130,28 @@ def partial_nodes(
     ``edges``: the cell's :class:`MixedOp` modules, in edge order; ``states``: its two
     preprocessed inputs; ``weights``: softmax(α) (edges x ops); ``edge_weights``: the
     node-wise softmax of β (one per edge); ``stride``: that of the edges from the inputs.
+    The edges leaving a state are computed together (:func:`stacked_edges`) as soon as
+    the state is known, each added to its node's sum.
     """
-    c = states[0].shape[1]
-    inputs = [PartialInputs(h, k, stride) for h in states]
-    split = CellWeights(weights * edge_weights.unsqueeze(-1), c // k)
+    sources = _edges_by_source(NODES + 1)  # the last node feeds no edge of this cell
+    order = [e for leaving in sources for e, _ in leaving]
+    folded = (weights * edge_weights.unsqueeze(-1))[order].split([len(s) for s in sources])
     betas = edge_weights.unbind(0)
+    mixed: list[torch.Tensor | None] = [None] * NODES
+    rest: list[torch.Tensor | None] = [None] * NODES
     nodes: list[torch.Tensor] = []
-    offset = 0
-    for _ in range(NODES):
-        mixed: torch.Tensor | None = None
-        rest: torch.Tensor | None = None
-        for j, state in enumerate(inputs):
-            e = offset + j
-            ops = edges[e].ops  # type: ignore[union-attr]
-            mixed = mixed_edge(ops, state.head, split.scalars[e], split.vectors[e], mixed)  # type: ignore[arg-type]
-            b = betas[e]
-            rest = b * state.bypass if rest is None else rest.addcmul_(b, state.bypass)
-        assert mixed is not None and rest is not None
-        offset += len(inputs)
-        nodes.append(shuffle(mixed, rest, k))
-        if len(nodes) < NODES:  # the last node feeds no edge of this cell
-            inputs.append(PartialInputs(nodes[-1], k))
+    for j, leaving in enumerate(sources):
+        if j < 2:
+            state = PartialInputs(states[j], k, stride)
+        else:  # every edge into node j - 2 is in
+            nodes.append(shuffle(mixed[j - 2], rest[j - 2], k))  # type: ignore[arg-type]
+            state = PartialInputs(nodes[-1], k)
+        ops = [edges[e].ops for e, _ in leaving]  # type: ignore[union-attr]
+        for (e, node), y in zip(leaving, stacked_edges(ops, state.head, folded[j]), strict=True):
+            previous = mixed[node]
+            mixed[node] = y if previous is None else previous.add_(y)
+            b, bypass = betas[e], state.bypass
+            previous = rest[node]
+            rest[node] = b * bypass if previous is None else previous.addcmul_(b, bypass)
+    nodes.append(shuffle(mixed[-1], rest[-1], k))  # type: ignore[arg-type]
     return nodes
