@@ -10,6 +10,7 @@ from maenas_ray.space.cells import MixedOp
 from maenas_ray.space.fastpath import SharedInputs, depthwise, scaled_batch_norm
 from maenas_ray.space.ops import OPS, PRIMITIVES, FactorizedReduce
 from maenas_ray.space.stacked import (
+    STACKED_CHANNELS,
     chunks,
     stacked_conv_op,
     stacked_edges,
@@ -91,15 +92,16 @@ def test_a_stacked_factorized_reduce_is_its_edges_ops_side_by_side():
 
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("n", [1, 4])
-def test_stacked_edges_are_each_edge_s_mixed_op_and_their_own_tensors(stride, n):
+@pytest.mark.parametrize("c", [4, STACKED_CHANNELS + 2])  # stacked, and one by one
+def test_stacked_edges_are_each_edge_s_mixed_op_and_their_own_tensors(stride, n, c):
     torch.manual_seed(0)
-    edges = [MixedOp(4, stride).double() for _ in range(n)]
+    edges = [MixedOp(c, stride).double() for _ in range(n)]
     for edge in edges:
         for m in edge.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.track_running_stats = False
                 m.running_mean = m.running_var = m.num_batches_tracked = None
-    x = _input(4)
+    x = _input(c)
     weights = torch.randn(n, len(PRIMITIVES), dtype=torch.float64).softmax(-1).requires_grad_()
     ours = stacked_edges([e.ops for e in edges], SharedInputs(x, stride), weights)
     reference = [e(x, w) for e, w in zip(edges, weights, strict=True)]

@@ -32,7 +32,7 @@ from torch import nn
 
 from maenas_ray.space.fastpath import SharedInputs, _format
 from maenas_ray.space.genotype import NODES
-from maenas_ray.space.stacked import chunks, stacked_edges
+from maenas_ray.space.stacked import chunks, edges_by_source, stacked_edges
 
 
 def partial_channels_problem(channels: int, k: int) -> str | None:
@@ -104,19 +104,6 @@ class PartialInputs:
         self.bypass = rest if stride == 1 else F.max_pool2d(rest, 2)
 
 
-def _edges_by_source(states: int) -> list[list[tuple[int, int]]]:
-    """For each state of a cell (its two inputs, then its nodes), the ``(edge, node)`` pairs
-    of the edges leaving it, in edge order; node ``i``'s edges are numbered from
-    ``Σ_{i' < i} (i' + 2)``, one per state before it."""
-    out: list[list[tuple[int, int]]] = [[] for _ in range(states)]
-    offset = 0
-    for node in range(NODES):
-        for j in range(node + 2):
-            out[j].append((offset + j, node))
-        offset += node + 2
-    return out
-
-
 def partial_nodes(
     edges: nn.ModuleList,
     states: list[torch.Tensor],
@@ -133,7 +120,7 @@ def partial_nodes(
     The edges leaving a state are computed together (:func:`stacked_edges`) as soon as
     the state is known, each added to its node's sum.
     """
-    sources = _edges_by_source(NODES + 1)  # the last node feeds no edge of this cell
+    sources = edges_by_source(NODES + 1)  # the last node feeds no edge of this cell
     order = [e for leaving in sources for e, _ in leaving]
     folded = (weights * edge_weights.unsqueeze(-1))[order].split([len(s) for s in sources])
     betas = edge_weights.unbind(0)
@@ -146,7 +133,7 @@ def partial_nodes(
         else:  # every edge into node j - 2 is in
             nodes.append(shuffle(mixed[j - 2], rest[j - 2], k))  # type: ignore[arg-type]
             state = PartialInputs(nodes[-1], k)
-        ops = [edges[e].ops for e, _ in leaving]  # type: ignore[union-attr]
+        ops: list[nn.ModuleList] = [edges[e].ops for e, _ in leaving]  # type: ignore[misc]
         for (e, node), y in zip(leaving, stacked_edges(ops, state.head, folded[j]), strict=True):
             previous = mixed[node]
             mixed[node] = y if previous is None else previous.add_(y)
