@@ -22,8 +22,9 @@ literally. This path computes the same value and the same gradients with:
   pixel subsampling (:func:`subsample`) hand back contiguous ``channels_last``
   gradients; a channel slice, or the NCHW tensor a slice's backward makes, sends the
   BatchNorm, add and ReLU kernels that follow down paths several times slower on CPU.
-- **narrow BatchNorms on NCHW**: below 8 channels (PC-DARTS' partial-channel edges) the
-  CPU's channels_last BatchNorm is slower than an NCHW copy, normalised, and copied back.
+- **narrow BatchNorms on NCHW**: below 8 channels, or 16 with more than one thread
+  (PC-DARTS' partial-channel edges), the CPU's channels_last BatchNorm is slower than an
+  NCHW copy, normalised, and copied back.
 
 Together with ``channels_last`` tensors (:class:`Supernet` converts its input) this is
 what ``Supernet(formulation="fast")`` runs; ``benchmarks/search_step.py`` measures it

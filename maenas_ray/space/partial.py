@@ -19,9 +19,11 @@ can be taken before them, on each part::
     node = shuffle_K(cat[Σ_j Σ_k β_j w_jk · op_jk(head_j), Σ_j β_j · bypass_j])
 
 The mixed sums run on :mod:`~maenas_ray.space.fastpath` with the edge weight folded into
-the op weights; a state's head, its bypassed part and that part's pooling are computed
-once per state, not once per edge; the split and the shuffle hand back contiguous
-gradients in the state's memory format (see :func:`~maenas_ray.space.fastpath.concat`).
+the op weights, the edges leaving a state computed together as one wide op per primitive
+(:mod:`~maenas_ray.space.stacked`); a state's head, its bypassed part and that part's
+pooling are computed once per state, not once per edge; the split and the shuffle hand
+back contiguous gradients in the state's memory format (see
+:func:`~maenas_ray.space.fastpath.concat`).
 """
 
 from __future__ import annotations

@@ -70,9 +70,10 @@ def chunks(x: torch.Tensor, sizes: Sequence[int]) -> tuple[torch.Tensor, ...]:
 
 #: Edges of more channels than this are computed one by one (:func:`stacked_edges`). The
 #: block-diagonal 1x1 convolution of ``n`` edges does ``n`` times the work of theirs, which
-#: at 32 channels and more outweighs the calls saved (CPU, 2 threads, 4 edges'
-#: ``sep_conv_3x3``, forward and backward: 0.6x as fast at 32x32x16x16, 0.7x at 32x64x8x8;
-#: 1.6x at 32x16x8x8, 2.5x at 32x8x16x16, 5x at 32x4x32x32; even at 32x16x32x32).
+#: at 32 channels and more catches up with the calls saved. CPU, 2 threads, 4 edges'
+#: ``sep_conv_3x3``, forward and backward, stacked against one by one: 5.3x as fast at
+#: 32x4x32x32, 2.6x at 32x8x16x16, 1.6x at 32x16x8x8, 0.96x at 32x16x32x32; 1.1x at
+#: 32x32x8x8, but 0.85x at 32x32x16x16 and 0.67x at 32x64x8x8.
 STACKED_CHANNELS = 16
 
 
