@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import maenas_ray.space.fastpath as fastpath
 from maenas_ray.space.cells import MixedOp
 from maenas_ray.space.fastpath import SharedInputs, depthwise, scaled_batch_norm
-from maenas_ray.space.ops import OPS, PRIMITIVES, FactorizedReduce
+from maenas_ray.space.ops import OPS, PRIMITIVES, FactorizedReduce, ReLUConvBN
 from maenas_ray.space.stacked import (
     STACKED_CHANNELS,
     chunks,
@@ -68,6 +68,33 @@ def test_a_stacked_conv_op_is_its_edges_ops_side_by_side(name, stride, n, c):
     params = [x, scale, *(p for op in ops for p in op.parameters())]
     for a, b in zip(_grads(ours, params), _grads(one_by_one, params), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(("n", "c"), [(1, 4), (3, 4), (2, 8)])
+def test_a_stacked_relu_conv_bn_stacks_its_1x1_weights_by_rows(n, c):
+    """A 1x1 convolution that reads the shared input: every edge reads all its channels
+    (a block-diagonal weight would give each edge only its own slice of the input)."""
+    torch.manual_seed(0)
+    ops = [ReLUConvBN(c, c, 1, 1, 0, affine=False).double() for _ in range(n)]
+    for op in ops:  # as in the search: batch statistics only
+        op[2].track_running_stats = False
+        op[2].running_mean = op[2].running_var = op[2].num_batches_tracked = None
+    x = _input(c)
+    scale = torch.rand(n * c, dtype=torch.float64, requires_grad=True)
+    ours = stacked_conv_op(ops, F.relu(x), scale)
+    one_by_one = torch.cat(
+        [s.view(1, -1, 1, 1) * op(x) for s, op in zip(scale.split(c), ops, strict=True)], dim=1
+    )
+    torch.testing.assert_close(ours, one_by_one, rtol=1e-12, atol=1e-12)
+    params = [x, scale, *(p for op in ops for p in op.parameters())]
+    for a, b in zip(_grads(ours, params), _grads(one_by_one, params), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_a_stacked_op_must_start_with_a_convolution():
+    ops = [torch.nn.Sequential(torch.nn.ReLU(), torch.nn.BatchNorm2d(4)) for _ in range(2)]
+    with pytest.raises(TypeError, match="does not start with a convolution"):
+        stacked_conv_op(ops, F.relu(_input(4).float()), torch.ones(8))
 
 
 def test_a_stacked_factorized_reduce_is_its_edges_ops_side_by_side():

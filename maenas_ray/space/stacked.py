@@ -13,8 +13,13 @@ times the channels, with the edges' outputs side by side (edge-major: channels
   its columns are permuted from channel-major to edge-major;
 - later depthwise convolutions and the BatchNorms (per channel, batch statistics only)
   act channel by channel anyway: their weights are the edges' ones concatenated;
+- a 1x1 convolution that reads the shared input itself (``ReLUConvBN``) has the edges'
+  weights stacked by rows: every edge reads all the input channels;
 - ``FactorizedReduce``: its two 1x1 convolutions of the even and odd pixels are one of
-  both, with the weight ``[[conv_1, 0], [0, conv_2]]`` per edge.
+  both, with the weight ``[[conv_1, 0], [0, conv_2]]`` per edge;
+- the parameter-free ops and the identity (computed once for the state, shared by all its
+  edges) are mixed into the edges' channels by one 1x1 convolution whose weight is
+  ``kron(w, I)``: each edge's weight of each op times the identity on the channels.
 
 The result is the same sums as op by op (the zeros add nothing); what changes is the
 number of calls. At C=16, K=4 an edge's op has 4 channels, where a CPU convolution or
@@ -116,12 +121,18 @@ def stacked_conv_op(
         elif _is_depthwise(m):
             weight = torch.cat([conv.weight for conv in layer])
             y = depthwise(y, weight, m.stride, m.padding, m.dilation)  # type: ignore[arg-type]
+        elif _is_pointwise(m) and depth == 0:
+            # every edge's rows read the shared input: the weights stacked, not on a diagonal
+            weight = torch.cat([conv.weight.flatten(1) for conv in layer])
+            y = F.conv2d(y, weight[:, :, None, None])
         elif _is_pointwise(m):
             weight = torch.block_diag(*(conv.weight.flatten(1) for conv in layer))
             if channel_major:  # columns i * c + g -> g * n + i
                 weight = weight.unflatten(1, (n, -1)).transpose(1, 2).flatten(1)
             y = F.conv2d(y, weight[:, :, None, None])
             channel_major = False
+        elif depth == 0:
+            raise TypeError(f"stacked_conv_op: {ops[0]} does not start with a convolution")
         elif isinstance(m, nn.BatchNorm2d):
             y = scaled_batch_norm(m, y, scale if last else None)
         elif isinstance(m, nn.ReLU) and isinstance(previous, nn.BatchNorm2d):
