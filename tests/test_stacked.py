@@ -29,13 +29,18 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def _search_op(name: str, c: int, stride: int) -> torch.nn.Module:
-    op = OPS[name].build(c, stride, False).double()
+def _batch_statistics_only(op: torch.nn.Module) -> torch.nn.Module:
+    """``op`` in float64 with BatchNorms as in the search: batch statistics only."""
+    op = op.double()
     for m in op.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.track_running_stats = False
             m.running_mean = m.running_var = m.num_batches_tracked = None
     return op
+
+
+def _search_op(name: str, c: int, stride: int) -> torch.nn.Module:
+    return _batch_statistics_only(OPS[name].build(c, stride, False))
 
 
 def _input(c: int, size: int = 8, batch: int = 3) -> torch.Tensor:
@@ -48,6 +53,18 @@ def _grads(out: torch.Tensor, inputs: list[torch.Tensor]) -> tuple[torch.Tensor,
     return torch.autograd.grad((out * probe).sum(), inputs)
 
 
+def _assert_side_by_side(ours, ops, x, scale, c):
+    """``ours`` is ``cat[scale_i · ops[i](x)]`` computed op by op, values and gradients."""
+    one_by_one = torch.cat(
+        [s.view(1, -1, 1, 1) * op(x) for s, op in zip(scale.split(c), ops, strict=True)], dim=1
+    )
+    assert ours.shape == one_by_one.shape
+    torch.testing.assert_close(ours, one_by_one, rtol=1e-12, atol=1e-12)
+    params = [x, scale, *(p for op in ops for p in op.parameters())]
+    for a, b in zip(_grads(ours, params), _grads(one_by_one, params), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("name", CONV_OPS)
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize(("n", "c"), [(1, 4), (3, 4), (4, 1), (2, 8)])
@@ -58,16 +75,10 @@ def test_a_stacked_conv_op_is_its_edges_ops_side_by_side(name, stride, n, c):
     scale = torch.rand(n * c, dtype=torch.float64, requires_grad=True)
     evens = fastpath.subsample(F.relu(x), 0) if stride == 2 else None
     ours = stacked_conv_op(ops, F.relu(x), scale, evens)
-    one_by_one = torch.cat(
-        [s.view(1, -1, 1, 1) * op(x) for s, op in zip(scale.split(c), ops, strict=True)], dim=1
-    )
-    assert ours.shape == one_by_one.shape == (3, n * c, 8 // stride, 8 // stride)
+    assert ours.shape == (3, n * c, 8 // stride, 8 // stride)
     # (a 1-channel input is NCHW as much as channels_last; the convolutions pick NCHW)
     assert ours.is_contiguous(memory_format=CL) or c == 1
-    torch.testing.assert_close(ours, one_by_one, rtol=1e-12, atol=1e-12)
-    params = [x, scale, *(p for op in ops for p in op.parameters())]
-    for a, b in zip(_grads(ours, params), _grads(one_by_one, params), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    _assert_side_by_side(ours, ops, x, scale, c)
 
 
 @pytest.mark.parametrize(("n", "c"), [(1, 4), (3, 4), (2, 8)])
@@ -75,20 +86,10 @@ def test_a_stacked_relu_conv_bn_stacks_its_1x1_weights_by_rows(n, c):
     """A 1x1 convolution that reads the shared input: every edge reads all its channels
     (a block-diagonal weight would give each edge only its own slice of the input)."""
     torch.manual_seed(0)
-    ops = [ReLUConvBN(c, c, 1, 1, 0, affine=False).double() for _ in range(n)]
-    for op in ops:  # as in the search: batch statistics only
-        op[2].track_running_stats = False
-        op[2].running_mean = op[2].running_var = op[2].num_batches_tracked = None
+    ops = [_batch_statistics_only(ReLUConvBN(c, c, 1, 1, 0, affine=False)) for _ in range(n)]
     x = _input(c)
     scale = torch.rand(n * c, dtype=torch.float64, requires_grad=True)
-    ours = stacked_conv_op(ops, F.relu(x), scale)
-    one_by_one = torch.cat(
-        [s.view(1, -1, 1, 1) * op(x) for s, op in zip(scale.split(c), ops, strict=True)], dim=1
-    )
-    torch.testing.assert_close(ours, one_by_one, rtol=1e-12, atol=1e-12)
-    params = [x, scale, *(p for op in ops for p in op.parameters())]
-    for a, b in zip(_grads(ours, params), _grads(one_by_one, params), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    _assert_side_by_side(stacked_conv_op(ops, F.relu(x), scale), ops, x, scale, c)
 
 
 def test_a_stacked_op_must_start_with_a_convolution():
@@ -99,22 +100,12 @@ def test_a_stacked_op_must_start_with_a_convolution():
 
 def test_a_stacked_factorized_reduce_is_its_edges_ops_side_by_side():
     torch.manual_seed(0)
-    ops = [FactorizedReduce(6, 6, affine=False).double() for _ in range(3)]
-    for op in ops:
-        op.bn.track_running_stats = False
-        op.bn.running_mean = op.bn.running_var = op.bn.num_batches_tracked = None
+    ops = [_batch_statistics_only(FactorizedReduce(6, 6, affine=False)) for _ in range(3)]
     x = _input(6)
     scale = torch.rand(18, dtype=torch.float64, requires_grad=True)
     relu_x = F.relu(x)
     phases = fastpath.subsample(relu_x, 0), fastpath.subsample(relu_x, 1)
-    ours = stacked_factorized_reduce(ops, relu_x, scale, phases)
-    one_by_one = torch.cat(
-        [s.view(1, -1, 1, 1) * op(x) for s, op in zip(scale.split(6), ops, strict=True)], dim=1
-    )
-    torch.testing.assert_close(ours, one_by_one, rtol=1e-12, atol=1e-12)
-    params = [x, scale, *(p for op in ops for p in op.parameters())]
-    for a, b in zip(_grads(ours, params), _grads(one_by_one, params), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    _assert_side_by_side(stacked_factorized_reduce(ops, relu_x, scale, phases), ops, x, scale, 6)
 
 
 @pytest.mark.parametrize("stride", [1, 2])
@@ -122,12 +113,7 @@ def test_a_stacked_factorized_reduce_is_its_edges_ops_side_by_side():
 @pytest.mark.parametrize("c", [4, STACKED_CHANNELS + 2])  # stacked, and one by one
 def test_stacked_edges_are_each_edge_s_mixed_op_and_their_own_tensors(stride, n, c):
     torch.manual_seed(0)
-    edges = [MixedOp(c, stride).double() for _ in range(n)]
-    for edge in edges:
-        for m in edge.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.track_running_stats = False
-                m.running_mean = m.running_var = m.num_batches_tracked = None
+    edges = [_batch_statistics_only(MixedOp(c, stride)) for _ in range(n)]
     x = _input(c)
     weights = torch.randn(n, len(PRIMITIVES), dtype=torch.float64).softmax(-1).requires_grad_()
     ours = stacked_edges([e.ops for e in edges], SharedInputs(x, stride), weights)
